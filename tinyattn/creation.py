@@ -1,0 +1,79 @@
+"""Making tensors: from data, filled with a value, ranges, and seeded random draws."""
+from . import backend
+from .engine import Tensor
+
+_default_generator = backend.generator()
+
+
+def manual_seed(seed):
+    """Seed the generator used when a random function is given none."""
+    global _default_generator
+    _default_generator = backend.generator(seed)
+    return _default_generator
+
+
+def tensor(data, dtype=None, requires_grad=False, device=None):
+    """A tensor from Python data or an array.
+
+    Python floats become float32, Python ints int64 (as in PyTorch), bools bool; numpy
+    and cupy arrays keep their dtype. The device defaults to the array's own, else to
+    the default device.
+    """
+    if isinstance(data, Tensor):
+        data = data.data
+    return Tensor(data, dtype=dtype, requires_grad=requires_grad, device=device)
+
+
+def _shape(shape):
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+
+
+def full(shape, fill_value, dtype=None, device=None, requires_grad=False):
+    shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+    dtype = backend.as_dtype(dtype) if dtype is not None else backend.default_dtype_for(fill_value)
+    xp = backend.module_for(device)
+    return Tensor(xp.full(shape, fill_value, dtype=dtype), requires_grad=requires_grad)
+
+
+def zeros(*shape, dtype=backend.float32, device=None, requires_grad=False):
+    return full(_shape(shape), 0, dtype=dtype, device=device, requires_grad=requires_grad)
+
+
+def ones(*shape, dtype=backend.float32, device=None, requires_grad=False):
+    return full(_shape(shape), 1, dtype=dtype, device=device, requires_grad=requires_grad)
+
+
+def zeros_like(other, dtype=None, requires_grad=False):
+    return full(other.shape, 0, dtype=dtype or other.dtype, device=other.device, requires_grad=requires_grad)
+
+
+def ones_like(other, dtype=None, requires_grad=False):
+    return full(other.shape, 1, dtype=dtype or other.dtype, device=other.device, requires_grad=requires_grad)
+
+
+def arange(start, stop=None, step=1, dtype=None, device=None):
+    """Like numpy.arange; int64 for integer arguments, float32 when any is a float."""
+    if stop is None:
+        start, stop = 0, start
+    if dtype is None:
+        dtype = backend.default_dtype_for([start, stop, step])
+    return Tensor(backend.host_arange(start, stop, step, backend.as_dtype(dtype)), device=device or backend.get_default_device())
+
+
+def randn(*shape, generator=None, dtype=backend.float32, device=None, requires_grad=False):
+    """Standard normal draws from `generator` (a seeded tinyattn.Generator), else the default one."""
+    rng = generator if generator is not None else _default_generator
+    values = rng.standard_normal(_shape(shape), dtype=backend.as_dtype(dtype))
+    return Tensor(values, device=device or backend.get_default_device(), requires_grad=requires_grad)
+
+
+def rand(*shape, generator=None, dtype=backend.float32, device=None, requires_grad=False):
+    """Uniform draws in [0, 1)."""
+    rng = generator if generator is not None else _default_generator
+    values = rng.random(_shape(shape), dtype=backend.as_dtype(dtype))
+    return Tensor(values, device=device or backend.get_default_device(), requires_grad=requires_grad)
+
+
+def Generator(seed=None):  # noqa: N802 (reads like torch.Generator at the call site)
+    """A seeded random generator for randn, rand, init functions and dropout."""
+    return backend.generator(seed)

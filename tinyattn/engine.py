@@ -1,0 +1,331 @@
+"""Reverse-mode automatic differentiation: Tensor, Function, and the backward walk.
+
+A Tensor holds an array (`data`) and, when it was computed by an op while gradients
+were being recorded, the Function that made it (`_ctx`). Functions hold their input
+Tensors, so the results of a computation form a graph that leads back to its leaves.
+`backward()` walks that graph once in reverse topological order, asking each Function
+for the gradients of its inputs given the gradient of its output.
+
+Backward rules are themselves written with Tensor ops. Normally they run with
+recording switched off, so they cost little; with `create_graph=True` they are
+recorded like any other computation, and gradients of gradients come for free.
+"""
+import functools
+import threading
+import weakref
+
+from . import backend
+
+_grad_mode = threading.local()
+
+
+def is_grad_enabled():
+    return getattr(_grad_mode, "enabled", True)
+
+
+class _GradMode:
+    """Switches gradient recording for the current thread, as a context manager or a decorator."""
+
+    enabled = True
+
+    def __enter__(self):
+        stack = _grad_mode.__dict__.setdefault("saved", [])
+        stack.append(is_grad_enabled())
+        _grad_mode.enabled = self.enabled
+
+    def __exit__(self, *exc_info):
+        _grad_mode.enabled = _grad_mode.saved.pop()
+
+    def __call__(self, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            with self.__class__():
+                return function(*args, **kwargs)
+        return wrapper
+
+
+class no_grad(_GradMode):
+    """Inside it, ops record no graph and keep no arrays alive for backward."""
+
+    enabled = False
+
+
+class enable_grad(_GradMode):
+    """Turns recording back on inside a `no_grad` region."""
+
+    enabled = True
+
+
+class set_grad_enabled(_GradMode):
+    def __init__(self, mode):
+        self.enabled = bool(mode)
+
+
+class Function:
+    """One differentiable operation: `forward` on arrays, `backward` on Tensors.
+
+    Subclasses write `forward(self, *arrays, **options)` returning one array, and
+    `backward(self, grad)` returning one gradient (or None) per input. State that
+    backward needs is saved on `self` in forward; `self.inputs` are the input Tensors
+    and `self.output` the result, for rules that are cheaper in terms of it.
+    """
+
+    inputs = None  # None after the graph was released by a backward pass
+
+    @classmethod
+    def apply(cls, *inputs, **options):
+        arrays = [tensor.data for tensor in inputs]
+        kind = type(arrays[0])
+        for array in arrays[1:]:
+            if type(array) is not kind:
+                devices = " and ".join(sorted({backend.device_of(a) for a in arrays}))
+                raise backend.DeviceError(f"{cls.__name__} got tensors on different devices ({devices}); move them with .to(device) first")
+        function = cls()
+        function.xp = backend.array_module(arrays[0])
+        try:
+            result = function.forward(*arrays, **options)
+        except (ValueError, IndexError) as error:
+            shapes = " and ".join(str(a.shape) for a in arrays)
+            raise type(error)(f"{cls.__name__} on shapes {shapes}: {error}") from None
+        if type(result) is not kind:  # NumPy hands back scalars, not 0-d arrays, from full reductions
+            result = function.xp.asarray(result)
+        requires_grad = is_grad_enabled() and backend.is_floating(result.dtype) and any(t.requires_grad for t in inputs)
+        output = Tensor._from_array(result, requires_grad)
+        if requires_grad:
+            function.inputs = inputs
+            function.needs_input_grad = tuple(t.requires_grad for t in inputs)
+            function._output = weakref.ref(output)
+            output._ctx = function
+        return output
+
+    @property
+    def output(self):
+        return self._output()
+
+    def forward(self, *arrays, **options):
+        raise NotImplementedError
+
+    def backward(self, grad):
+        raise NotImplementedError
+
+    def release(self):
+        """Drop inputs and saved arrays once this Function's gradients are computed."""
+        self.__dict__.clear()
+
+
+class Tensor:
+    """An n-dimensional array that remembers how it was computed."""
+
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_retains_grad", "__weakref__")
+    __array_ufunc__ = None  # numpy_scalar * tensor must call Tensor.__rmul__, not numpy
+
+    def __init__(self, data, dtype=None, requires_grad=False, device=None):
+        self.data = backend.as_array(data, dtype, device)
+        self.grad = None
+        self._ctx = None
+        self._retains_grad = False
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_()
+
+    @classmethod
+    def _from_array(cls, array, requires_grad=False):
+        tensor = cls.__new__(cls)
+        tensor.data = array
+        tensor.grad = None
+        tensor.requires_grad = requires_grad
+        tensor._ctx = None
+        tensor._retains_grad = False
+        return tensor
+
+    # --- what a tensor is ---------------------------------------------------------
+
+    shape = property(lambda self: self.data.shape)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    dtype = property(lambda self: self.data.dtype)
+    device = property(lambda self: backend.device_of(self.data))
+    is_leaf = property(lambda self: self._ctx is None)
+    grad_fn = property(lambda self: self._ctx)
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    def __repr__(self):
+        body = repr(backend.to_host(self.data)).replace("array(", "tensor(", 1)
+        extras = []
+        if self.device != "cpu":
+            extras.append(f"device='{self.device}'")
+        if self._ctx is not None:
+            extras.append(f"grad_fn={type(self._ctx).__name__}")
+        elif self.requires_grad:
+            extras.append("requires_grad=True")
+        return body if not extras else body[:-1] + ", " + ", ".join(extras) + ")"
+
+    def __bool__(self):
+        if self.data.size != 1:
+            raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous; use .any() or .all()")
+        return bool(self.data)
+
+    __hash__ = object.__hash__  # == is elementwise, so hash by identity as PyTorch does
+
+    def numpy(self):
+        """The values as a host numpy array (a copy for GPU tensors)."""
+        return backend.to_host(self.data)
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return self.data.item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self):
+        """The same data, cut off from the graph."""
+        return Tensor._from_array(self.data)
+
+    def requires_grad_(self, requires_grad=True):
+        if requires_grad and not backend.is_floating(self.dtype):
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype {self.dtype}")
+        self.requires_grad = requires_grad
+        return self
+
+    def retain_grad(self):
+        """Keep the gradient of this non-leaf tensor in `.grad` after backward."""
+        if not self.requires_grad:
+            raise RuntimeError("retain_grad() on a tensor that does not require grad")
+        self._retains_grad = True
+        return self
+
+    # --- backward -----------------------------------------------------------------
+
+    def backward(self, grad=None, retain_graph=False, create_graph=False):
+        """Accumulate d(self)/d(leaf) into `.grad` of every leaf that requires grad.
+
+        `grad` is the gradient of some scalar with respect to this tensor; it may be
+        left out only when this tensor has one element.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad (no input had requires_grad=True, or it was computed under no_grad)")
+        grad = _initial_grad(self, grad)
+        backpropagate(self, grad, retain_graph or create_graph, create_graph)
+
+
+def _initial_grad(output, grad):
+    if grad is None:
+        if output.data.size != 1:
+            raise RuntimeError(f"backward() without a grad argument needs a tensor with one element, got shape {output.shape}; pass grad= of that shape")
+        return Tensor._from_array(output.xp.ones_like(output.data))
+    grad = grad if isinstance(grad, Tensor) else Tensor(grad, dtype=output.dtype, device=output.device)
+    if grad.shape != output.shape:
+        raise ValueError(f"backward() got grad of shape {grad.shape} for a tensor of shape {output.shape}")
+    return grad
+
+
+def _topological_order(root):
+    """Functions reachable from `root`, each after every Function that consumes its output.
+
+    An explicit stack instead of recursion, so a graph 100,000 ops deep is no problem.
+    """
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        function, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(function)
+            continue
+        if function in visited:
+            continue
+        if function.inputs is None:
+            raise RuntimeError(
+                "backward through a graph whose saved arrays were already released by an earlier backward(); "
+                "pass retain_graph=True to the first backward() if you need to go through it twice")
+        visited.add(function)
+        stack.append((function, True))
+        for tensor in function.inputs:
+            if tensor._ctx is not None and tensor._ctx not in visited:
+                stack.append((tensor._ctx, False))
+    order.reverse()
+    return order
+
+
+def _reduce_to_input(grad, tensor):
+    """The one place where a gradient is summed back to its input's broadcast shape and dtype."""
+    if grad.shape != tensor.shape:
+        grad = grad.sum_to(tensor.shape)
+    if grad.dtype != tensor.dtype:
+        grad = grad.astype(tensor.dtype)
+    return grad
+
+
+def backpropagate(root, root_grad, retain_graph, create_graph, inputs=None):
+    """Push `root_grad` from `root` to the leaves.
+
+    Without `inputs`, gradients accumulate into `.grad` of leaves (and of tensors that
+    called retain_grad). With `inputs`, nothing is written to `.grad`; the gradients of
+    those tensors are returned instead, in order (None where one does not depend on root).
+    """
+    wanted = {id(t): i for i, t in enumerate(inputs)} if inputs is not None else None
+    found = [None] * len(inputs) if inputs is not None else None
+
+    def deliver(tensor, grad):
+        if wanted is not None:
+            index = wanted.get(id(tensor))
+            if index is not None:
+                found[index] = grad if found[index] is None else found[index] + grad
+        elif tensor._ctx is None or tensor._retains_grad:
+            tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+
+    if root._ctx is None:
+        deliver(root, root_grad)
+        return found
+    # Function -> (its output, the gradient gathered so far). Holding the output here keeps
+    # it alive for rules that use it, even after its consumers have released their inputs.
+    pending = {root._ctx: (root, root_grad)}
+    with set_grad_enabled(create_graph):
+        for function in _topological_order(root._ctx):
+            output, grad = pending.pop(function, (None, None))
+            if grad is not None:
+                if output._retains_grad or wanted is not None:
+                    deliver(output, grad)
+                input_grads = function.backward(grad)
+                if not isinstance(input_grads, tuple):
+                    input_grads = (input_grads,)
+                for tensor, input_grad in zip(function.inputs, input_grads):
+                    if input_grad is None or not tensor.requires_grad:
+                        continue
+                    input_grad = _reduce_to_input(input_grad, tensor)
+                    if tensor._ctx is None:
+                        deliver(tensor, input_grad)
+                    elif tensor._ctx in pending:
+                        pending[tensor._ctx] = (tensor, pending[tensor._ctx][1] + input_grad)
+                    else:
+                        pending[tensor._ctx] = (tensor, input_grad)
+            if not retain_graph:
+                function.release()
+    return found
+
+
+def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, allow_unused=False):
+    """Gradients of `outputs` with respect to `inputs`, returned rather than accumulated.
+
+    Like torch.autograd.grad: nothing is written to any `.grad`. With create_graph the
+    results are themselves differentiable.
+    """
+    single = isinstance(inputs, Tensor)
+    inputs = (inputs,) if single else tuple(inputs)
+    if not outputs.requires_grad:
+        raise RuntimeError("grad(): outputs do not require grad")
+    root_grad = _initial_grad(outputs, grad_outputs)
+    retain = create_graph if retain_graph is None else retain_graph
+    found = backpropagate(outputs, root_grad, retain, create_graph, inputs=inputs)
+    for index, value in enumerate(found):
+        if value is None and not allow_unused:
+            raise RuntimeError(f"grad(): input {index} (shape {inputs[index].shape}) is not used to compute outputs; pass allow_unused=True to get None")
+    return found[0] if single else tuple(found)
+
+
+Tensor.xp = property(lambda self: backend.array_module(self.data))
+
+from . import ops  # noqa: E402  (ops subclass Function and attach methods to Tensor)
