@@ -227,3 +227,26 @@ def test_integer_results_never_require_grad():
     assert not x.argmax().requires_grad
     assert not (x > 2.0).requires_grad
     assert not x.astype(ta.int64).requires_grad
+
+
+def test_set_grad_enabled_works_as_a_decorator():
+    x = leaf([1.0])
+
+    @ta.set_grad_enabled(False)
+    def frozen():
+        return x * 2.0
+
+    assert not frozen().requires_grad
+
+
+def test_leaf_gradients_are_separate_writable_arrays():
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    (a + b).sum().backward()  # both leaves receive the same broadcast gradient
+    assert a.grad is not b.grad
+    a.grad.data *= 0.5
+    np.testing.assert_array_equal(b.grad.numpy(), [1.0, 1.0])
+    upstream = ta.tensor(np.ones(2))
+    y = leaf([1.0, 2.0])
+    (y + 0.0).backward(upstream)
+    upstream.data[...] = 5.0
+    np.testing.assert_array_equal(y.grad.numpy(), [1.0, 1.0])

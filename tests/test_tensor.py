@@ -113,3 +113,16 @@ def test_bad_axes_and_shapes_are_clear_errors():
         ta.split(x, 2, axis=1)
     with pytest.raises(TypeError, match="boolean condition"):
         ta.where(x, x, x)
+
+
+def test_integer_true_division_gives_float32():
+    assert (ta.tensor([1, 2]) / 2).dtype == ta.float32
+    assert (ta.tensor([1, 2]) / ta.tensor([2, 4])).dtype == ta.float32
+    np.testing.assert_array_equal((ta.tensor([1, 2]) / 2).numpy(), [0.5, 1.0])
+
+
+def test_numpy_subclasses_such_as_memmap_mix_with_plain_tensors(tmp_path):
+    path = tmp_path / "w.npy"
+    np.save(path, np.arange(3.0, dtype=np.float32))
+    mapped = ta.tensor(np.load(path, mmap_mode="r"))
+    np.testing.assert_array_equal((mapped + ta.tensor([1.0, 1.0, 1.0])).numpy(), [1.0, 2.0, 3.0])

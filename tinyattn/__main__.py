@@ -68,11 +68,11 @@ def main(argv=None):
     try:
         if args.device is not None:
             ta.set_default_device(args.device)
-    except ta.DeviceError as error:
+        show_gradient_check()
+        fit_sine(args)
+    except ta.DeviceError as error:  # also a bad TINYATTN_DEVICE, found at the first tensor
         print(f"error: {error}", file=sys.stderr)
         return 2
-    show_gradient_check()
-    fit_sine(args)
     return 0
 
 

@@ -14,7 +14,8 @@ int64 = numpy.dtype("int64")
 bool_ = numpy.dtype("bool")
 
 DEVICES = ("cpu", "cuda")
-CUDA_INSTALL_HINT = "install the GPU extra with: pip install 'tinyattn[cuda]' (needs an NVIDIA GPU and CUDA 12)"
+CUDA_INSTALL_HINT = "install the GPU extra in the tinyattn checkout with: pip install -e '.[cuda]' (needs an NVIDIA GPU and CUDA 12)"
+NO_GPU_HINT = "check the NVIDIA driver with nvidia-smi, or use the cpu device"
 
 _cupy = None
 _default_device = None
@@ -34,9 +35,9 @@ def _load_cupy():
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as error:  # CuPy raises its own runtime error types when no driver is present
-            raise DeviceError(f"device 'cuda' is not usable: CuPy found no working GPU ({error}); {CUDA_INSTALL_HINT}") from None
+            raise DeviceError(f"device 'cuda' is not usable: CuPy is installed but found no working GPU ({error}); {NO_GPU_HINT}") from None
         if count == 0:
-            raise DeviceError(f"device 'cuda' is not usable: CuPy found no GPU; {CUDA_INSTALL_HINT}")
+            raise DeviceError(f"device 'cuda' is not usable: CuPy is installed but found no GPU; {NO_GPU_HINT}")
         _cupy = cupy
     return _cupy
 
@@ -92,6 +93,11 @@ def device_of(array):
     return "cpu" if isinstance(array, numpy.ndarray) else "cuda"
 
 
+def ensure_array(value):
+    """NumPy returns scalars, not 0-d arrays, from some operations on 0-d arrays; make them arrays."""
+    return numpy.asarray(value) if isinstance(value, numpy.generic) else value
+
+
 def is_array(value):
     return isinstance(value, numpy.ndarray) or (_cupy is not None and isinstance(value, _cupy.ndarray))
 
@@ -128,7 +134,7 @@ def as_array(data, dtype=None, device=None):
     dtype = numpy.dtype(dtype) if dtype is not None else default_dtype_for(data)
     device = check_device(device) if device is not None else (device_of(data) if is_array(data) else get_default_device())
     if is_array(data):
-        data = to_device(data, device)
+        data = to_device(numpy.asarray(data) if isinstance(data, numpy.ndarray) else data, device)  # memmap etc. -> ndarray
         return data if data.dtype == dtype else data.astype(dtype)
     return module_for(device).asarray(numpy.asarray(data, dtype=dtype))
 

@@ -12,6 +12,11 @@ def manual_seed(seed):
     return _default_generator
 
 
+def default_generator():
+    """The generator that random functions use when they are given none."""
+    return _default_generator
+
+
 def tensor(data, dtype=None, requires_grad=False, device=None):
     """A tensor from Python data or an array.
 
@@ -62,14 +67,14 @@ def arange(start, stop=None, step=1, dtype=None, device=None):
 
 def randn(*shape, generator=None, dtype=backend.float32, device=None, requires_grad=False):
     """Standard normal draws from `generator` (a seeded tinyattn.Generator), else the default one."""
-    rng = generator if generator is not None else _default_generator
+    rng = generator or _default_generator
     values = rng.standard_normal(_shape(shape), dtype=backend.as_dtype(dtype))
     return Tensor(values, device=device or backend.get_default_device(), requires_grad=requires_grad)
 
 
 def rand(*shape, generator=None, dtype=backend.float32, device=None, requires_grad=False):
     """Uniform draws in [0, 1)."""
-    rng = generator if generator is not None else _default_generator
+    rng = generator or _default_generator
     values = rng.random(_shape(shape), dtype=backend.as_dtype(dtype))
     return Tensor(values, device=device or backend.get_default_device(), requires_grad=requires_grad)
 
@@ -77,3 +82,8 @@ def rand(*shape, generator=None, dtype=backend.float32, device=None, requires_gr
 def Generator(seed=None):  # noqa: N802 (reads like torch.Generator at the call site)
     """A seeded random generator for randn, rand, init functions and dropout."""
     return backend.generator(seed)
+
+
+def empty_parameter_data(shape, dtype=backend.float32, device=None):
+    """Uninitialised storage for a parameter that an init function fills next."""
+    return backend.module_for(device).empty(shape, dtype=backend.as_dtype(dtype))

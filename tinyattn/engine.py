@@ -39,7 +39,7 @@ class _GradMode:
     def __call__(self, function):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
-            with self.__class__():
+            with set_grad_enabled(self.enabled):
                 return function(*args, **kwargs)
         return wrapper
 
@@ -88,7 +88,7 @@ class Function:
             shapes = " and ".join(str(a.shape) for a in arrays)
             raise type(error)(f"{cls.__name__} on shapes {shapes}: {error}") from None
         if type(result) is not kind:  # NumPy hands back scalars, not 0-d arrays, from full reductions
-            result = function.xp.asarray(result)
+            result = backend.ensure_array(result)
         requires_grad = is_grad_enabled() and backend.is_floating(result.dtype) and any(t.requires_grad for t in inputs)
         output = Tensor._from_array(result, requires_grad)
         if requires_grad:
@@ -275,7 +275,14 @@ def backpropagate(root, root_grad, retain_graph, create_graph, inputs=None):
             if index is not None:
                 found[index] = grad if found[index] is None else found[index] + grad
         elif tensor._ctx is None or tensor._retains_grad:
-            tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+            if tensor.grad is not None:
+                tensor.grad = tensor.grad + grad
+            elif create_graph:
+                tensor.grad = grad
+            else:
+                # A fresh, writable array: the same gradient object may reach several leaves
+                # (a + b) or be a read-only broadcast view, and optimizers change grads in place.
+                tensor.grad = Tensor._from_array(grad.data.copy())
 
     if root._ctx is None:
         deliver(root, root_grad)

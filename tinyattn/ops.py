@@ -18,7 +18,7 @@ from .engine import Function, Tensor
 
 def _constant(array):
     """An array as a Tensor that takes no part in differentiation (masks, saved values)."""
-    return Tensor._from_array(array)
+    return Tensor._from_array(backend.ensure_array(array))
 
 
 def _lift(value, like):
@@ -448,6 +448,12 @@ def mul(a, b):
 
 
 def div(a, b):
+    """True division; two integer operands give float32, as in PyTorch (NumPy would give float64)."""
+    if not isinstance(a, Tensor):
+        a = _lift(a, b)
+    b = _lift(b, a)
+    if a.dtype.kind in "iub" and b.dtype.kind in "iub":
+        a, b = a.astype(backend.float32), b.astype(backend.float32)
     return _binary(Div, a, b)
 
 

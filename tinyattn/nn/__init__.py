@@ -1,0 +1,7 @@
+"""Layers and containers with PyTorch's names and habits."""
+from . import init
+from .attention import MultiHeadAttention
+from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ReLU
+from .module import Module, ModuleList, Parameter, Sequential
+from .transformer import (Decoder, DecoderLayer, Encoder, EncoderLayer, FeedForward, LearnedPositionalEncoding,
+                          SinusoidalPositionalEncoding)

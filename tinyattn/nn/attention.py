@@ -1,0 +1,71 @@
+"""Multi-head attention: every output position looks at every input position and weighs them.
+
+Each head projects the input into queries, keys and values of size d_model / n_heads,
+runs scaled dot-product attention (tinyattn.functional), and the heads' results are
+joined and projected back to d_model.
+"""
+from .. import backend, functional as F
+from ..creation import default_generator
+from ..ops import concatenate
+from .layers import Linear
+from .module import Module
+
+
+class MultiHeadAttention(Module):
+    """Self-attention (context=None) or cross-attention over `context`.
+
+    forward returns (output, weights): weights are the per-head attention weights of
+    shape (B, n_heads, T, S) when need_weights=True, else None.
+
+    cache: a dict this layer fills with the keys and values it computed. In
+    self-attention the new keys and values are appended to it, so decoding one token
+    at a time projects only that token; in cross-attention the context's keys and
+    values are computed once and reused.
+    """
+
+    def __init__(self, d_model, n_heads, bias=True, dropout=0.0, generator=None, fused=True, device=None, dtype=backend.float32):
+        super().__init__()
+        if n_heads <= 0 or d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"attention dropout must be in [0, 1), got {dropout}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.dropout, self.fused = dropout, fused
+        self.generator = generator or default_generator()
+        make = dict(bias=bias, generator=generator, device=device, dtype=dtype)
+        self.q_proj = Linear(d_model, d_model, **make)
+        self.k_proj = Linear(d_model, d_model, **make)
+        self.v_proj = Linear(d_model, d_model, **make)
+        self.out_proj = Linear(d_model, d_model, **make)
+
+    def _split_heads(self, x):
+        batch, length, _ = x.shape
+        return x.reshape(batch, length, self.n_heads, self.head_dim).swapaxes(1, 2)
+
+    def _keys_and_values(self, x, context, cache):
+        if cache is not None and context is not None and "k" in cache:
+            return cache["k"], cache["v"]
+        source = x if context is None else context
+        k, v = self._split_heads(self.k_proj(source)), self._split_heads(self.v_proj(source))
+        if cache is not None:
+            if context is None and "k" in cache:
+                k, v = concatenate([cache["k"], k], axis=2), concatenate([cache["v"], v], axis=2)
+            cache["k"], cache["v"] = k, v
+        return k, v
+
+    def forward(self, x, context=None, mask=None, causal=False, need_weights=False, cache=None):
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MultiHeadAttention expects input of shape (batch, length, {self.d_model}), got {x.shape}")
+        if context is not None and (context.ndim != 3 or context.shape[-1] != self.d_model or context.shape[0] != x.shape[0]):
+            raise ValueError(f"context must be (batch={x.shape[0]}, length, {self.d_model}), got {context.shape}")
+        q = self._split_heads(self.q_proj(x))
+        k, v = self._keys_and_values(x, context, cache)
+        result = F.scaled_dot_product_attention(
+            q, k, v, mask=mask, causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            return_weights=need_weights, generator=self.generator, fused=self.fused)
+        out, weights = result if need_weights else (result, None)
+        batch, length = x.shape[:2]
+        return self.out_proj(out.swapaxes(1, 2).reshape(batch, length, self.d_model)), weights
+
+    def extra_repr(self):
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}, fused={self.fused}"

@@ -1,0 +1,160 @@
+"""Transformer blocks: positional encodings, the feed-forward block, pre-LN encoder and decoder layers.
+
+Pre-LayerNorm (normalise, then attend or feed forward, then add the residual) trains
+stably without careful warm-up, which is why GPT-2 and most small models use it.
+Every stack returns (output, weights); weights is None unless need_weights=True.
+"""
+import math
+
+from .. import backend
+from ..creation import default_generator, empty_parameter_data
+from ..engine import Tensor
+from .attention import MultiHeadAttention
+from .layers import GELU, Dropout, LayerNorm, Linear, ReLU
+from .module import Module, ModuleList, Parameter
+from . import init
+
+ACTIVATIONS = {"relu": ReLU, "gelu": GELU}
+
+
+def _check_length(offset, length, max_len):
+    if offset + length > max_len:
+        raise ValueError(f"positions {offset}..{offset + length - 1} exceed the positional encoding's max_len {max_len}")
+
+
+class SinusoidalPositionalEncoding(Module):
+    """Adds sin/cos waves of geometric wavelengths (Vaswani et al. 2017); nothing to learn."""
+
+    def __init__(self, d_model, max_len=512, device=None, dtype=backend.float32):
+        super().__init__()
+        self.d_model, self.max_len = d_model, max_len
+        # Dimension pair (2i, 2i+1) turns at frequency 10000^(-2i/d): wavelengths from 2*pi to 10000*2*pi.
+        frequencies = [10000.0 ** (-(i - i % 2) / d_model) for i in range(d_model)]
+        table = [[math.sin(pos * f) if i % 2 == 0 else math.cos(pos * f) for i, f in enumerate(frequencies)]
+                 for pos in range(max_len)]
+        self.table = Tensor(table, dtype=dtype, device=device)  # a buffer: moves with .to(), not trained
+
+    def forward(self, x, offset=0):
+        _check_length(offset, x.shape[-2], self.max_len)
+        return x + self.table[offset:offset + x.shape[-2]]
+
+
+class LearnedPositionalEncoding(Module):
+    """One trained vector per position, as in GPT-2."""
+
+    def __init__(self, max_len, d_model, generator=None, device=None, dtype=backend.float32):
+        super().__init__()
+        self.d_model, self.max_len = d_model, max_len
+        self.weight = init.normal_(Parameter(empty_parameter_data((max_len, d_model), dtype, device)), 0.0, 0.02, generator)
+
+    def forward(self, x, offset=0):
+        _check_length(offset, x.shape[-2], self.max_len)
+        return x + self.weight[offset:offset + x.shape[-2]]
+
+
+class FeedForward(Module):
+    """Position-wise two-layer network: Linear, activation, dropout, Linear."""
+
+    def __init__(self, d_model, d_ff, dropout=0.0, activation="relu", generator=None, device=None, dtype=backend.float32):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        self.linear1 = Linear(d_model, d_ff, generator=generator, device=device, dtype=dtype)
+        self.activation = ACTIVATIONS[activation]()
+        self.dropout = Dropout(dropout, generator)
+        self.linear2 = Linear(d_ff, d_model, generator=generator, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class EncoderLayer(Module):
+    """x + SelfAttention(LN(x)), then + FeedForward(LN(...))."""
+
+    def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="relu", generator=None, fused=True,
+                 device=None, dtype=backend.float32):
+        super().__init__()
+        generator = generator or default_generator()
+        make = dict(generator=generator, device=device, dtype=dtype)
+        self.norm1 = LayerNorm(d_model, device=device, dtype=dtype)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, fused=fused, **make)
+        self.norm2 = LayerNorm(d_model, device=device, dtype=dtype)
+        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, **make)
+        self.dropout = Dropout(dropout, generator)
+
+    def forward(self, x, mask=None, need_weights=False):
+        attended, weights = self.self_attn(self.norm1(x), mask=mask, need_weights=need_weights)
+        x = x + self.dropout(attended)
+        x = x + self.dropout(self.feed_forward(self.norm2(x)))
+        return x, weights
+
+
+class DecoderLayer(EncoderLayer):
+    """An EncoderLayer whose self-attention is causal, with cross-attention to `memory` between
+    self-attention and the feed-forward block. Cross-attention is where each output position
+    looks back at every input position.
+    """
+
+    def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="relu", generator=None, fused=True,
+                 device=None, dtype=backend.float32):
+        super().__init__(d_model, n_heads, d_ff, dropout, activation, generator, fused, device, dtype)
+        self.cross_norm = LayerNorm(d_model, device=device, dtype=dtype)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, fused=fused,
+                                             generator=self.self_attn.generator, device=device, dtype=dtype)
+
+    def forward(self, x, memory, self_mask=None, memory_mask=None, need_weights=False, cache=None):
+        """cache: {'self': {}, 'cross': {}} to decode one step at a time (see MultiHeadAttention)."""
+        self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
+        attended, self_weights = self.self_attn(self.norm1(x), mask=self_mask, causal=True,
+                                                need_weights=need_weights, cache=self_cache)
+        x = x + self.dropout(attended)
+        attended, cross_weights = self.cross_attn(self.cross_norm(x), context=memory, mask=memory_mask,
+                                                  need_weights=need_weights, cache=cross_cache)
+        x = x + self.dropout(attended)
+        x = x + self.dropout(self.feed_forward(self.norm2(x)))
+        return x, ({"self": self_weights, "cross": cross_weights} if need_weights else None)
+
+
+class _Stack(Module):
+    def __init__(self, layer_class, num_layers, d_model, n_heads, d_ff, dropout=0.0, activation="relu",
+                 generator=None, fused=True, device=None, dtype=backend.float32):
+        super().__init__()
+        if num_layers <= 0:
+            raise ValueError(f"num_layers must be positive, got {num_layers}")
+        generator = generator or default_generator()
+        self.layers = ModuleList(layer_class(d_model, n_heads, d_ff, dropout, activation, generator, fused, device, dtype)
+                                 for _ in range(num_layers))
+        self.norm = LayerNorm(d_model, device=device, dtype=dtype)
+
+
+class Encoder(_Stack):
+    """EncoderLayers and a final LayerNorm (needed with pre-LN: the residual stream is never normalised)."""
+
+    def __init__(self, num_layers, d_model, n_heads, d_ff, **options):
+        super().__init__(EncoderLayer, num_layers, d_model, n_heads, d_ff, **options)
+
+    def forward(self, x, mask=None, need_weights=False):
+        all_weights = []
+        for layer in self.layers:
+            x, weights = layer(x, mask=mask, need_weights=need_weights)
+            all_weights.append(weights)
+        return self.norm(x), (all_weights if need_weights else None)
+
+
+class Decoder(_Stack):
+    """DecoderLayers and a final LayerNorm."""
+
+    def __init__(self, num_layers, d_model, n_heads, d_ff, **options):
+        super().__init__(DecoderLayer, num_layers, d_model, n_heads, d_ff, **options)
+
+    def new_cache(self):
+        """An empty key/value cache, one entry per layer, for step-by-step decoding."""
+        return [{"self": {}, "cross": {}} for _ in self.layers]
+
+    def forward(self, x, memory, self_mask=None, memory_mask=None, need_weights=False, cache=None):
+        all_weights = []
+        for index, layer in enumerate(self.layers):
+            x, weights = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask, need_weights=need_weights,
+                               cache=cache[index] if cache is not None else None)
+            all_weights.append(weights)
+        return self.norm(x), (all_weights if need_weights else None)

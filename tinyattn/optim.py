@@ -1,0 +1,286 @@
+"""Optimizers, gradient clipping and learning-rate schedules, following PyTorch's rules.
+
+Optimizers change parameter arrays in place and build no graph: they work on `p.data`
+and `p.grad.data` with array methods. Hyperparameters are kept as Python floats, which
+NumPy and CuPy treat as weak scalars, so a float32 parameter and its state stay float32.
+"""
+import math
+
+from . import backend
+from .engine import Tensor
+
+
+def _check_fraction(name, value):
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_non_negative(name, value):
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
+
+
+class Optimizer:
+    """Base class: holds the parameters, the learning rate and per-parameter state.
+
+    Subclasses name their hyperparameters in `hyperparameter_names` (saved by
+    state_dict), build the state of one parameter in `_initial_state` and update one
+    parameter that has a gradient in `_update`.
+    """
+
+    hyperparameter_names = ()
+
+    def __init__(self, params, lr):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("optimizer got an empty parameter list")
+        for index, param in enumerate(self.params):
+            if not isinstance(param, Tensor):
+                raise TypeError(f"optimizer parameter {index} is a {type(param).__name__}, expected a Tensor")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        self.lr = lr
+        self.step_count = 0
+        # State is made up front rather than on the first step, so state_dict always
+        # covers every parameter and a checkpoint for another model is caught on load.
+        self.state = [self._initial_state(param) for param in self.params]
+
+    @property
+    def lr(self):
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        # Schedules may decay to 0, so only negative values are refused here.
+        self._lr = _check_non_negative("lr", value)
+
+    def _initial_state(self, param):
+        return {}
+
+    def _update(self, param, grad, state):
+        raise NotImplementedError
+
+    def zero_grad(self):
+        for param in self.params:
+            param.grad = None
+
+    def step(self):
+        """Update every parameter that has a gradient; those whose grad is None are left alone."""
+        self.step_count += 1
+        for param, state in zip(self.params, self.state):
+            if param.grad is not None:
+                self._update(param, param.grad.data, state)
+
+    def state_dict(self):
+        """Step count, lr, hyperparameters and copies of the state arrays (they stay on their device)."""
+        return {
+            "step": self.step_count,
+            "lr": self.lr,
+            **{name: getattr(self, name) for name in self.hyperparameter_names},
+            "state": {str(index): {name: value.copy() if backend.is_array(value) else value for name, value in state.items()}
+                      for index, state in enumerate(self.state)},
+        }
+
+    def load_state_dict(self, state_dict):
+        """Restore what state_dict() returned; arrays are copied onto each parameter's device and dtype."""
+        missing = [key for key in ("step", "lr", "state", *self.hyperparameter_names) if key not in state_dict]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state_dict lacks {missing} (saved from another optimizer type?)")
+        saved = state_dict["state"]
+        if sorted(saved) != sorted(str(index) for index in range(len(self.params))):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state_dict has state for {len(saved)} parameters, "
+                             f"this optimizer has {len(self.params)}")
+        restored = [self._restored_state(index, param, saved[str(index)]) for index, param in enumerate(self.params)]
+        self.step_count = state_dict["step"]
+        self.lr = state_dict["lr"]
+        for name in self.hyperparameter_names:
+            setattr(self, name, state_dict[name])
+        self.state = restored
+
+    def _restored_state(self, index, param, saved):
+        state = {}
+        for name, value in saved.items():
+            if backend.is_array(value):
+                if value.shape != param.shape:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: {name!r} of parameter {index} has shape {value.shape}, "
+                                     f"the parameter has shape {param.shape}")
+                value = backend.as_array(value, param.dtype, param.device).copy()
+            state[name] = value
+        return state
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum and L2 weight decay (PyTorch's rule,
+    no dampening, no Nesterov)."""
+
+    hyperparameter_names = ("momentum", "weight_decay")
+
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
+        self.momentum = _check_fraction("momentum", momentum)
+        self.weight_decay = _check_non_negative("weight_decay", weight_decay)
+        super().__init__(params, lr)
+
+    def _initial_state(self, param):
+        # A zero buffer makes the first step's buffer momentum*0 + g = g, as PyTorch's.
+        return {"momentum": param.xp.zeros_like(param.data)} if self.momentum else {}
+
+    def _update(self, param, grad, state):
+        if self.weight_decay:
+            grad = grad + self.weight_decay * param.data
+        if self.momentum:
+            buffer = state["momentum"]
+            buffer *= self.momentum
+            buffer += grad
+            grad = buffer
+        param.data -= self.lr * grad
+
+
+class Adam(Optimizer):
+    """Adam with bias-corrected moments; weight decay is L2, added to the gradient (PyTorch's Adam)."""
+
+    hyperparameter_names = ("betas", "eps", "weight_decay")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        beta1, beta2 = betas
+        self.betas = (_check_fraction("betas[0]", beta1), _check_fraction("betas[1]", beta2))
+        self.eps = _check_non_negative("eps", eps)
+        self.weight_decay = _check_non_negative("weight_decay", weight_decay)
+        super().__init__(params, lr)
+
+    def _initial_state(self, param):
+        # Each parameter counts its own steps, as in PyTorch, so one that first gets a
+        # gradient late still has its moments bias-corrected from their true start.
+        return {"step": 0, "exp_avg": param.xp.zeros_like(param.data), "exp_avg_sq": param.xp.zeros_like(param.data)}
+
+    def _apply_weight_decay(self, param, grad):
+        return grad + self.weight_decay * param.data
+
+    def _update(self, param, grad, state):
+        if self.weight_decay:
+            grad = self._apply_weight_decay(param, grad)
+        beta1, beta2 = self.betas
+        state["step"] += 1
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg *= beta1
+        exp_avg += (1.0 - beta1) * grad
+        exp_avg_sq *= beta2
+        exp_avg_sq += (1.0 - beta2) * (grad * grad)
+        # Same arrangement as PyTorch: lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), which
+        # equals lr * m_hat / (sqrt(v_hat) + eps) without making m_hat or v_hat.
+        step_size = self.lr / (1.0 - beta1 ** state["step"])
+        denominator = param.xp.sqrt(exp_avg_sq)
+        denominator /= math.sqrt(1.0 - beta2 ** state["step"])
+        denominator += self.eps
+        param.data -= step_size * exp_avg / denominator
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: the parameter shrinks by lr*weight_decay before the update."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+    def _apply_weight_decay(self, param, grad):
+        param.data *= 1.0 - self.lr * self.weight_decay
+        return grad
+
+
+def clip_grad_norm_(params, max_norm):
+    """Scale all gradients in place so their joint L2 norm is at most `max_norm`.
+
+    Returns the norm before clipping as a Python float. Each gradient's norm is taken in
+    its own dtype and only the per-gradient norms are combined in Python floats, so no
+    float64 array is made and the gradients keep their dtype.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    grads = [param.grad for param in params if param.grad is not None]
+    total_norm = math.sqrt(sum(float(grad.xp.linalg.norm(grad.data)) ** 2 for grad in grads))
+    if total_norm > max_norm:
+        scale = float(max_norm) / (total_norm + 1e-6)
+        for grad in grads:
+            grad.data *= scale
+    return total_norm
+
+
+class LRSchedule:
+    """Base class: sets `optimizer.lr` from `get_lr(step)` for 1-based optimizer steps.
+
+    The base lr is the optimizer's lr at construction. Constructing sets the lr for step
+    1; call `step()` after each `optimizer.step()` to move to the next one.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.base_lr = optimizer.lr
+        self.current_step = 1  # the optimizer step that the current lr is for
+        self._set_lr()
+
+    def get_lr(self, step):
+        """The lr for the 1-based optimizer step `step`."""
+        if step < 1:
+            raise ValueError(f"{type(self).__name__}.get_lr: steps count from 1, got {step!r}")
+        return self._lr_at(step)
+
+    def _lr_at(self, step):
+        raise NotImplementedError
+
+    def _set_lr(self):
+        self.last_lr = self.get_lr(self.current_step)
+        self.optimizer.lr = self.last_lr
+
+    def step(self):
+        self.current_step += 1
+        self._set_lr()
+
+    def state_dict(self):
+        return {"step": self.current_step, "base_lr": self.base_lr}
+
+    def load_state_dict(self, state_dict):
+        self.current_step = state_dict["step"]
+        self.base_lr = state_dict["base_lr"]
+        self._set_lr()
+
+
+class WarmupCosine(LRSchedule):
+    """Linear warmup from base_lr/warmup_steps to base_lr at step warmup_steps, then cosine
+    decay to min_lr at step total_steps, and min_lr after that."""
+
+    def __init__(self, optimizer, warmup_steps, total_steps, min_lr=0.0):
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+        if not total_steps > warmup_steps:
+            raise ValueError(f"total_steps must be > warmup_steps ({warmup_steps!r}), got {total_steps!r}")
+        if not 0.0 <= min_lr <= optimizer.lr:
+            raise ValueError(f"min_lr must be in [0, base lr {optimizer.lr!r}], got {min_lr!r}")
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr = float(min_lr)
+        super().__init__(optimizer)
+
+    def _lr_at(self, step):
+        if step <= self.warmup_steps:
+            return self.base_lr * step / self.warmup_steps
+        if step >= self.total_steps:
+            return self.min_lr
+        progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class InverseSqrt(LRSchedule):
+    """The Transformer's (Noam) schedule: linear warmup to base_lr at step warmup_steps,
+    then base_lr * sqrt(warmup_steps / step)."""
+
+    def __init__(self, optimizer, warmup_steps):
+        # warmup_steps = 0 would make every lr after warmup base_lr * sqrt(0) = 0.
+        if not warmup_steps >= 1:
+            raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps!r}")
+        self.warmup_steps = warmup_steps
+        super().__init__(optimizer)
+
+    def _lr_at(self, step):
+        if step <= self.warmup_steps:
+            return self.base_lr * step / self.warmup_steps
+        return self.base_lr * math.sqrt(self.warmup_steps / step)
