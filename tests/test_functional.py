@@ -247,9 +247,11 @@ def test_layer_norm_functional_values():
 
 def test_layer_norm_functional_gradcheck_and_gradgradcheck():
     x, w, b = x64(2, 4), x64(4, seed=1), x64(4, seed=2)
-    fn = lambda x, w, b: F.layer_norm(x, w, b)  # noqa: E731
-    assert ta.gradcheck(fn, [x, w, b])
-    assert ta.gradgradcheck(fn, [x, w, b])
+    fused = lambda x, w, b: F.layer_norm(x, w, b)  # noqa: E731
+    composed = lambda x, w, b: F.layer_norm(x, w, b, fused=False)  # noqa: E731
+    assert ta.gradcheck(fused, [x, w, b])
+    assert ta.gradcheck(composed, [x, w, b])
+    assert ta.gradgradcheck(composed, [x, w, b])
 
 
 def test_dropout_functional_not_training_is_identity():

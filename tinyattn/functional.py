@@ -9,7 +9,8 @@ import math
 
 from . import backend
 from .engine import Function, Tensor, is_grad_enabled
-from .ops import _constant, where
+from .fused import MASKED_SCORE, FusedAttention, FusedCrossEntropyRows, FusedLayerNorm
+from .ops import constant, where
 
 
 class Softmax(Function):
@@ -42,8 +43,14 @@ def log_softmax(x, axis=-1):
     return LogSoftmax.apply(x, axis=axis)
 
 
-def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    """Normalise the last axis to zero mean and unit variance, then scale and shift."""
+def layer_norm(x, weight=None, bias=None, eps=1e-5, fused=True):
+    """Normalise the last axis to zero mean and unit variance, then scale and shift.
+
+    fused=True (with weight and bias) runs one Function with a hand-derived backward,
+    first-order only; fused=False composes engine ops and can be differentiated twice.
+    """
+    if fused and weight is not None and bias is not None:
+        return FusedLayerNorm.apply(x, weight, bias, eps=eps)
     mean = x.mean(axis=-1, keepdims=True)
     centered = x - mean
     variance = (centered * centered).mean(axis=-1, keepdims=True)
@@ -55,12 +62,47 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     return normalized
 
 
+class Linear(Function):
+    """x @ weight.T + bias as one Function: a single 2-D GEMM over all rows of x, whatever
+    its batch shape. Its backward is written in Tensor ops, so it differentiates twice."""
+
+    def forward(self, x, weight, bias=None):
+        out = x.reshape(-1, x.shape[-1]) @ weight.T
+        if bias is not None:
+            out += bias
+        return out.reshape(x.shape[:-1] + (weight.shape[0],))
+
+    def backward(self, grad):
+        x, weight = self.inputs[:2]
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = (rows @ weight).reshape(x.shape) if self.needs_input_grad[0] else None
+        grad_weight = rows.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None
+        if len(self.inputs) == 2:
+            return grad_x, grad_weight
+        # The column sum as a product with a ones vector: much faster than a reduction in NumPy.
+        ones = constant(grad.xp.ones(rows.shape[0], dtype=grad.dtype))
+        return grad_x, grad_weight, ones @ rows
+
+
 def linear(x, weight, bias=None):
     """x @ weight.T + bias, with weight of shape (out_features, in_features) as in PyTorch."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input of shape {x.shape} has {x.shape[-1]} features, weight {weight.shape} expects {weight.shape[1]}")
-    out = x @ weight.T
-    return out + bias if bias is not None else out
+    return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
+
+
+class Embedding(Function):
+    """Rows of a table picked by integer ids. The gradient of the table is one-hot(ids)^T @ grad,
+    one GEMM, where scattering with numpy.add.at is several times slower."""
+
+    def forward(self, weight, ids):
+        self.ids = ids
+        return weight[ids]
+
+    def backward(self, grad):
+        weight = self.inputs[0]
+        one_hot = self.xp.eye(weight.shape[0], dtype=grad.dtype)[self.ids.reshape(-1)]
+        return constant(one_hot).T @ grad.reshape(-1, weight.shape[1])
 
 
 def embedding(ids, weight):
@@ -72,13 +114,13 @@ def embedding(ids, weight):
         if low < 0 or high >= weight.shape[0]:
             bad = low if low < 0 else high
             raise IndexError(f"token id {bad} is out of range for an embedding table of {weight.shape[0]} rows")
-    return weight[ids]
+    return Embedding.apply(weight, ids=ids.data)
 
 
 def dropout_mask(shape, p, generator, like):
     """A keep-mask scaled by 1/(1-p), drawn on the host from `generator` so seeds match across devices."""
     keep = generator.random(shape) >= p
-    return _constant(backend.from_host(keep.astype(like.dtype) * (1.0 / (1.0 - p)), like.device))
+    return constant(backend.from_host(keep.astype(like.dtype) * (1.0 / (1.0 - p)), like.device))
 
 
 def dropout(x, p, training, generator):
@@ -90,11 +132,13 @@ def dropout(x, p, training, generator):
     return x * dropout_mask(x.shape, p, generator, x)
 
 
-def cross_entropy(logits, targets, ignore_index=None, label_smoothing=0.0, reduction="mean"):
+def cross_entropy(logits, targets, ignore_index=None, label_smoothing=0.0, reduction="mean", fused=True):
     """Cross-entropy of (..., C) logits against integer targets of shape (...).
 
     'mean' averages over the targets that are not `ignore_index`. With label smoothing
     eps the target distribution is (1 - eps) on the true class plus eps/C everywhere.
+    fused=True computes the per-target losses in one Function (first-order gradients
+    only); fused=False composes log_softmax and indexing (differentiable twice).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -107,32 +151,35 @@ def cross_entropy(logits, targets, ignore_index=None, label_smoothing=0.0, reduc
     classes = logits.shape[-1]
     flat_logits = logits.reshape(-1, classes)
     flat_targets = targets.data.reshape(-1)
-    keep = flat_targets != ignore_index if ignore_index is not None else None
-    safe_targets = flat_targets * keep if keep is not None else flat_targets  # ignored rows pick class 0, then get weight 0
+    keep = flat_targets != ignore_index if ignore_index is not None else logits.xp.ones(flat_targets.shape, dtype=bool)
+    safe_targets = flat_targets * keep  # ignored rows pick class 0, then get weight 0
     if safe_targets.size and (int(safe_targets.min()) < 0 or int(safe_targets.max()) >= classes):
         raise IndexError(f"cross_entropy: target values must lie in [0, {classes}), got {int(safe_targets.min())}..{int(safe_targets.max())}")
-    log_probs = log_softmax(flat_logits, axis=-1)
-    rows = logits.xp.arange(flat_logits.shape[0])
-    losses = -log_probs[rows, safe_targets]
-    if label_smoothing:
-        losses = (1.0 - label_smoothing) * losses - label_smoothing * log_probs.mean(axis=-1)
-    if keep is not None:
-        losses = losses * _constant(keep.astype(losses.dtype))
+    keep_weights = keep.astype(logits.dtype)
+    if fused:
+        losses = FusedCrossEntropyRows.apply(flat_logits, targets=safe_targets, keep=keep_weights, smoothing=label_smoothing)
+    else:
+        losses = _cross_entropy_rows_composed(flat_logits, safe_targets, keep_weights, label_smoothing)
     if reduction == "none":
         return losses.reshape(targets.shape)
     total = losses.sum()
     if reduction == "sum":
         return total
-    count = int(keep.sum()) if keep is not None else flat_targets.size
-    return total * (1.0 / max(count, 1))
+    return total * (1.0 / max(int(keep.sum()), 1))
+
+
+def _cross_entropy_rows_composed(flat_logits, targets, keep_weights, label_smoothing):
+    log_probs = log_softmax(flat_logits, axis=-1)
+    losses = -log_probs[flat_logits.xp.arange(flat_logits.shape[0]), targets]
+    if label_smoothing:
+        losses = (1.0 - label_smoothing) * losses - label_smoothing * log_probs.mean(axis=-1)
+    return losses * constant(keep_weights)
 
 
 # --- attention ---------------------------------------------------------------------
 
-MASKED_SCORE = -1e9  # exp(MASKED_SCORE - max) is exactly 0 in float32 and float64
 
-
-def _allowed(mask, causal, query_length, key_length, like):
+def attention_mask(mask, causal, query_length, key_length, like):
     """The boolean may-attend mask combining `mask` and a causal mask, or None for no mask.
 
     The causal mask is aligned bottom-right: query i sits at position S - T + i, so a
@@ -155,59 +202,14 @@ def attention_composed(q, k, v, allowed, dropout_p, generator, return_weights):
     """softmax(q k^T / sqrt(d)) v written with engine ops; autodiff derives every gradient."""
     scores = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if allowed is not None:
-        scores = where(_constant(allowed), scores, MASKED_SCORE)
+        scores = where(constant(allowed), scores, MASKED_SCORE)
     weights = softmax(scores, axis=-1)
     if allowed is not None:
         # A query whose keys are all masked gets no weight at all, not a uniform average.
-        weights = weights * _constant(allowed.any(axis=-1, keepdims=True).astype(weights.dtype))
+        weights = weights * constant(allowed.any(axis=-1, keepdims=True).astype(weights.dtype))
     attended = dropout(weights, dropout_p, True, generator) if dropout_p else weights
     out = attended @ v
     return (out, weights) if return_weights else (out, None)
-
-
-class FusedAttention(Function):
-    """The whole of softmax(q k^T / sqrt(d) + mask) v as one Function, with a hand-derived backward.
-
-    First-order only: its backward works on arrays, so it refuses create_graph; use
-    attention_composed for gradients of gradients.
-    """
-
-    def forward(self, q, k, v, allowed, keep_scale, weights_sink):
-        xp = self.xp
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = q @ k.swapaxes(-1, -2)
-        scores *= scale
-        if allowed is not None:
-            scores += xp.where(allowed, 0.0, MASKED_SCORE).astype(scores.dtype, copy=False)
-        scores -= scores.max(axis=-1, keepdims=True)
-        weights = xp.exp(scores, out=scores)
-        weights /= weights.sum(axis=-1, keepdims=True)
-        if allowed is not None:
-            weights *= allowed.any(axis=-1, keepdims=True)
-        attended = weights * keep_scale if keep_scale is not None else weights
-        self.weights, self.attended, self.keep_scale, self.scale = weights, attended, keep_scale, scale
-        if weights_sink is not None:  # a Function has one output; the weights leave through this list
-            weights_sink.append(weights)
-        return attended @ v
-
-    def backward(self, grad):
-        if is_grad_enabled():
-            raise RuntimeError("fused attention supports first-order gradients only; "
-                               "use scaled_dot_product_attention(..., fused=False) with create_graph=True")
-        q, k, v = (t.data for t in self.inputs)
-        g = grad.data
-        grad_v = self.attended.swapaxes(-1, -2) @ g
-        grad_weights = g @ v.swapaxes(-1, -2)
-        if self.keep_scale is not None:
-            grad_weights *= self.keep_scale
-        # softmax backward: dS = P * (dP - rowsum(dP * P)); masked entries have P = 0.
-        grad_scores = grad_weights
-        grad_scores -= (grad_weights * self.weights).sum(axis=-1, keepdims=True)
-        grad_scores *= self.weights
-        grad_scores *= self.scale
-        grad_q = grad_scores @ k
-        grad_k = grad_scores.swapaxes(-1, -2) @ q
-        return _constant(grad_q), _constant(grad_k), _constant(grad_v)
 
 
 def scaled_dot_product_attention(q, k, v, mask=None, causal=False, dropout_p=0.0, return_weights=False,
@@ -228,7 +230,7 @@ def scaled_dot_product_attention(q, k, v, mask=None, causal=False, dropout_p=0.0
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p and generator is None:
         raise ValueError("attention dropout needs a seeded generator (generator=tinyattn.Generator(seed))")
-    allowed = _allowed(mask, causal, q.shape[-2], k.shape[-2], q)
+    allowed = attention_mask(mask, causal, q.shape[-2], k.shape[-2], q)
     weights_need_grad = return_weights and is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if not fused or weights_need_grad:  # the fused op's weights are constants; composed ones carry gradient
         out, weights = attention_composed(q, k, v, allowed, dropout_p, generator, return_weights)
@@ -237,4 +239,4 @@ def scaled_dot_product_attention(q, k, v, mask=None, causal=False, dropout_p=0.0
     keep_scale = dropout_mask(weights_shape, dropout_p, generator, q).data if dropout_p else None
     weights_sink = [] if return_weights else None
     out = FusedAttention.apply(q, k, v, allowed=allowed, keep_scale=keep_scale, weights_sink=weights_sink)
-    return (out, _constant(weights_sink[0])) if return_weights else out
+    return (out, constant(weights_sink[0])) if return_weights else out

@@ -16,7 +16,7 @@ from . import backend
 from .engine import Function, Tensor
 
 
-def _constant(array):
+def constant(array):
     """An array as a Tensor that takes no part in differentiation (masks, saved values)."""
     return Tensor._from_array(backend.ensure_array(array))
 
@@ -28,7 +28,7 @@ def _lift(value, like):
     if backend.is_array(value):
         return Tensor(value)
     dtype = like.dtype if like.dtype.kind == "f" else backend.default_dtype_for(value)
-    return _constant(like.xp.asarray(value, dtype=dtype))
+    return constant(like.xp.asarray(value, dtype=dtype))
 
 
 def _promote(a, b):
@@ -213,7 +213,7 @@ class ReLU(Function):
 
     def backward(self, grad):
         # The mask is a constant: relu'' is zero wherever it is defined.
-        return grad * _constant(self.inputs[0].data > 0)
+        return grad * constant(self.inputs[0].data > 0)
 
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -238,7 +238,7 @@ class Abs(Function):
         return self.xp.abs(x)
 
     def backward(self, grad):
-        return grad * _constant(self.xp.sign(self.inputs[0].data))
+        return grad * constant(self.xp.sign(self.inputs[0].data))
 
 
 class Clip(Function):
@@ -251,7 +251,7 @@ class Clip(Function):
         inside = (x >= self.low) if self.low is not None else True
         if self.high is not None:
             inside = inside & (x <= self.high)
-        return grad * _constant(self.xp.asarray(inside))
+        return grad * constant(self.xp.asarray(inside))
 
 
 class Maximum(Function):
@@ -261,7 +261,7 @@ class Maximum(Function):
     def backward(self, grad):
         # Ties share the gradient equally, as in PyTorch.
         a, b = (t.data for t in self.inputs)
-        share_a = _constant((a > b) + 0.5 * (a == b))
+        share_a = constant((a > b) + 0.5 * (a == b))
         return grad * share_a, grad * (1.0 - share_a)
 
 
@@ -271,7 +271,7 @@ class Minimum(Function):
 
     def backward(self, grad):
         a, b = (t.data for t in self.inputs)
-        share_a = _constant((a < b) + 0.5 * (a == b))
+        share_a = constant((a < b) + 0.5 * (a == b))
         return grad * share_a, grad * (1.0 - share_a)
 
 
@@ -306,7 +306,7 @@ class _Extremum(Function):
 
     def backward(self, grad):
         x = self.inputs[0]
-        return grad.reshape(_keepdims_shape(x.shape, self.axes)) * _constant(self.share)
+        return grad.reshape(_keepdims_shape(x.shape, self.axes)) * constant(self.share)
 
 
 class Max(_Extremum):
@@ -414,7 +414,7 @@ class Where(Function):
         condition = self.inputs[0].data
         need_a, need_b = self.needs_input_grad[1:]
         # A product with the mask, not where(): several times faster in NumPy.
-        return None, (grad * _constant(condition) if need_a else None), (grad * _constant(~condition) if need_b else None)
+        return None, (grad * constant(condition) if need_a else None), (grad * constant(~condition) if need_b else None)
 
 
 class Cast(Function):
@@ -542,11 +542,11 @@ def min(x, axis=None, keepdims=False):  # noqa: A001
 
 
 def argmax(x, axis=None, keepdims=False):
-    return _constant(x.data.argmax(axis=axis, keepdims=keepdims))
+    return constant(x.data.argmax(axis=axis, keepdims=keepdims))
 
 
 def argmin(x, axis=None, keepdims=False):
-    return _constant(x.data.argmin(axis=axis, keepdims=keepdims))
+    return constant(x.data.argmin(axis=axis, keepdims=keepdims))
 
 
 def reshape(x, *shape):
@@ -680,7 +680,7 @@ def _comparison(compare):
         b = _lift(b, a)
         if a.device != b.device:
             raise backend.DeviceError(f"comparison of tensors on different devices ({a.device} and {b.device})")
-        return _constant(compare(a.data, b.data))
+        return constant(compare(a.data, b.data))
     return method
 
 

@@ -6,6 +6,8 @@ joined and projected back to d_model.
 """
 from .. import backend, functional as F
 from ..creation import default_generator
+from ..engine import is_grad_enabled
+from ..fused import FusedMultiHeadAttention
 from ..ops import concatenate
 from .layers import Linear
 from .module import Module
@@ -16,6 +18,11 @@ class MultiHeadAttention(Module):
 
     forward returns (output, weights): weights are the per-head attention weights of
     shape (B, n_heads, T, S) when need_weights=True, else None.
+
+    fused=True runs the whole block, projections included, as one Function with a
+    hand-derived backward (first-order gradients only); fused=False composes the Linear
+    layers and attention from engine ops, for study and gradients of gradients. Decoding
+    with a cache always takes the composed path, with fused attention inside.
 
     cache: a dict this layer fills with the keys and values it computed. In
     self-attention the new keys and values are appended to it, so decoding one token
@@ -58,14 +65,30 @@ class MultiHeadAttention(Module):
             raise ValueError(f"MultiHeadAttention expects input of shape (batch, length, {self.d_model}), got {x.shape}")
         if context is not None and (context.ndim != 3 or context.shape[-1] != self.d_model or context.shape[0] != x.shape[0]):
             raise ValueError(f"context must be (batch={x.shape[0]}, length, {self.d_model}), got {context.shape}")
+        dropout_p = self.dropout if self.training else 0.0
+        weights_need_grad = need_weights and is_grad_enabled()
+        if self.fused and cache is None and self.q_proj.bias is not None and not weights_need_grad:
+            return self._fused_block(x, context, mask, causal, dropout_p, need_weights)
         q = self._split_heads(self.q_proj(x))
         k, v = self._keys_and_values(x, context, cache)
         result = F.scaled_dot_product_attention(
-            q, k, v, mask=mask, causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, mask=mask, causal=causal, dropout_p=dropout_p,
             return_weights=need_weights, generator=self.generator, fused=self.fused)
         out, weights = result if need_weights else (result, None)
         batch, length = x.shape[:2]
         return self.out_proj(out.swapaxes(1, 2).reshape(batch, length, self.d_model)), weights
+
+    def _fused_block(self, x, context, mask, causal, dropout_p, need_weights):
+        source_length = x.shape[1] if context is None else context.shape[1]
+        allowed = F.attention_mask(mask, causal, x.shape[1], source_length, x)
+        weights_shape = (x.shape[0], self.n_heads, x.shape[1], source_length)
+        keep_scale = F.dropout_mask(weights_shape, dropout_p, self.generator, x).data if dropout_p else None
+        weights_sink = [] if need_weights else None
+        params = [p for linear in (self.q_proj, self.k_proj, self.v_proj, self.out_proj) for p in (linear.weight, linear.bias)]
+        inputs = (x,) if context is None else (x, context)
+        out = FusedMultiHeadAttention.apply(*inputs, *params, heads=self.n_heads, allowed=allowed,
+                                            keep_scale=keep_scale, weights_sink=weights_sink)
+        return out, (F.constant(weights_sink[0]) if need_weights else None)
 
     def extra_repr(self):
         return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}, fused={self.fused}"

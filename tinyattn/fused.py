@@ -1,0 +1,272 @@
+"""Fused Functions: a whole block as one Function with a hand-derived backward, for speed.
+
+Each fused Function computes on raw arrays in both directions, reusing buffers in place
+where it can, and replaces dozens of small graph nodes with one. Each has a composed
+twin built from engine ops (in tinyattn.functional) that autodiff differentiates, and a
+test that the two agree. Because their backward works on arrays, fused Functions give
+first-order gradients only: under create_graph they raise and name the twin to use.
+
+Two NumPy facts shape the kernels (measured in ../shared/PERF-NOTES.md and
+benchmarks/): a reduction over a short last axis is several times slower than the same
+sum as a matrix-vector product, and `(B, T, K) @ (K, N)` is much faster as one 2-D GEMM
+over B*T rows than as B small GEMMs.
+"""
+import math
+
+from .engine import Function, is_grad_enabled
+from .ops import constant
+
+MASKED_SCORE = -1e9  # exp(MASKED_SCORE - max) is exactly 0 in float32 and float64
+UNDERFLOW_GUARD = 1e-30  # a softmax row sum below this means its terms underflowed
+
+
+def refuse_create_graph(name, twin):
+    if is_grad_enabled():
+        raise RuntimeError(f"{name} supports first-order gradients only; for gradients of gradients use {twin}")
+
+
+def row_sum(xp, a):
+    """Sum over the last axis, keepdims, as a matrix-vector product."""
+    n = a.shape[-1]
+    return (a.reshape(-1, n) @ xp.ones(n, dtype=a.dtype)).reshape(a.shape[:-1] + (1,))
+
+
+def column_sum(xp, a2):
+    """Sum of the rows of a 2-D array, as a vector-matrix product."""
+    return xp.ones(a2.shape[0], dtype=a2.dtype) @ a2
+
+
+def row_max(xp, a2):
+    """Maximum of each row of a 2-D array with few columns: one elementwise pass per column
+    beats NumPy's reduction, which loops per row."""
+    top = a2[:, 0].copy()
+    for column in range(1, a2.shape[1]):
+        xp.maximum(top, a2[:, column], out=top)
+    return top[:, None]
+
+
+# --- attention kernels shared by FusedAttention and FusedMultiHeadAttention ------------------
+
+def additive_mask(xp, allowed, dtype):
+    """0 where attention is allowed, MASKED_SCORE where not; None for no mask."""
+    return None if allowed is None else xp.where(allowed, 0.0, MASKED_SCORE).astype(dtype)
+
+
+def _scores(q, k_t, mask_bias, scale):
+    scores = q @ k_t
+    scores *= scale
+    if mask_bias is not None:
+        scores += mask_bias
+    return scores
+
+
+def attention_forward(xp, q, k_t, v, mask_bias, keep_scale):
+    """softmax(q k^T * scale + mask_bias) v for q (..., T, d), k_t (..., d, S), v (..., S, dv).
+
+    Returns (output, weights, attended), attended being the weights after dropout.
+    The softmax subtracts one maximum per (T, S) block, a cheap reduction; a row whose
+    terms underflow against it (far below the block's maximum, or fully masked) is
+    rare, and then all rows are recomputed with their own maxima.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = _scores(q, k_t, mask_bias, scale)
+    lead, (t, s) = scores.shape[:-2], scores.shape[-2:]
+    scores -= scores.reshape(-1, t * s).max(axis=1).reshape(lead + (1, 1))
+    weights = xp.exp(scores, out=scores)
+    sums = row_sum(xp, weights)
+    if bool((sums < UNDERFLOW_GUARD).any()):
+        weights = _attention_weights_per_row(xp, q, k_t, mask_bias, scale)
+    else:
+        weights /= sums
+    attended = weights * keep_scale if keep_scale is not None else weights
+    return attended @ v, weights, attended
+
+
+def _attention_weights_per_row(xp, q, k_t, mask_bias, scale):
+    scores = _scores(q, k_t, mask_bias, scale)
+    scores -= scores.max(axis=-1, keepdims=True)
+    weights = xp.exp(scores, out=scores)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    if mask_bias is not None:
+        # A query whose keys are all masked gets no weight at all, not a uniform average.
+        weights *= (mask_bias == 0).any(axis=-1, keepdims=True)
+    return weights
+
+
+def attention_backward(xp, grad_out, q, k_t, v, weights, attended, keep_scale):
+    """Gradients (q, k, v) of attention_forward's output; k's gradient comes as (..., S, d)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    grad_v = attended.swapaxes(-1, -2) @ grad_out
+    grad_scores = grad_out @ v.swapaxes(-1, -2)  # first the gradient of the (dropped-out) weights
+    if keep_scale is not None:
+        grad_scores *= keep_scale
+    # softmax backward: dS = P * (dP - rowsum(dP * P)); masked entries have P = 0.
+    grad_scores -= row_sum(xp, grad_scores * weights)
+    grad_scores *= weights
+    grad_scores *= scale
+    grad_q = grad_scores @ k_t.swapaxes(-1, -2)
+    grad_k = grad_scores.swapaxes(-1, -2) @ q
+    return grad_q, grad_k, grad_v
+
+
+class FusedAttention(Function):
+    """softmax(q k^T / sqrt(d) + mask) v as one Function (twin: functional.attention_composed)."""
+
+    def forward(self, q, k, v, allowed, keep_scale, weights_sink):
+        mask_bias = additive_mask(self.xp, allowed, q.dtype)
+        k_t = self.xp.ascontiguousarray(k.swapaxes(-1, -2))  # a contiguous K^T makes the batched GEMMs twice as fast
+        out, self.weights, self.attended = attention_forward(self.xp, q, k_t, v, mask_bias, keep_scale)
+        self.k_t, self.keep_scale = k_t, keep_scale
+        if weights_sink is not None:  # a Function has one output; the weights leave through this list
+            weights_sink.append(self.weights)
+        return out
+
+    def backward(self, grad):
+        refuse_create_graph("fused attention", "scaled_dot_product_attention(..., fused=False)")
+        q, _, v = (t.data for t in self.inputs)
+        grads = attention_backward(self.xp, grad.data, q, self.k_t, v, self.weights, self.attended, self.keep_scale)
+        return tuple(constant(g) for g in grads)
+
+
+def _split_heads(a2, batch, length, heads, key_major=False):
+    """(B*L, heads*d) rows -> (B, heads, L, d), or (B, heads, d, L) for keys, as contiguous arrays."""
+    a = a2.reshape(batch, length, heads, -1)
+    return (a.transpose(0, 2, 3, 1) if key_major else a.transpose(0, 2, 1, 3)).copy()
+
+
+def _merge_heads(a):
+    """(B, heads, L, d) -> (B*L, heads*d)."""
+    batch, heads, length, dim = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(batch * length, heads * dim)
+
+
+class FusedMultiHeadAttention(Function):
+    """A whole multi-head attention block, projections included, as one Function.
+
+    Inputs: x, then context for cross-attention, then Wq, bq, Wk, bk, Wv, bv, Wo, bo.
+    Self-attention projects q, k and v in one GEMM with the stacked weights;
+    cross-attention projects k and v of the context in one GEMM.
+    Twin: MultiHeadAttention(fused=False), which composes Linear layers and engine ops.
+    """
+
+    def forward(self, *arrays, heads, allowed, keep_scale, weights_sink):
+        xp = self.xp
+        self.cross = len(arrays) == 10
+        x, context = arrays[0], (arrays[1] if self.cross else arrays[0])
+        wq, bq, wk, bk, wv, bv, wo, bo = arrays[-8:]
+        batch, length, d_model = x.shape
+        source_length = context.shape[1]
+        x2, c2 = x.reshape(-1, d_model), context.reshape(-1, d_model)
+        if self.cross:
+            self.w_in = (wq, xp.concatenate([wk, wv]))
+            q2 = x2 @ wq.T
+            q2 += bq
+            kv2 = c2 @ self.w_in[1].T
+            kv2 += xp.concatenate([bk, bv])
+            k2, v2 = kv2[:, :d_model], kv2[:, d_model:]
+        else:
+            self.w_in = (xp.concatenate([wq, wk, wv]),)
+            qkv2 = x2 @ self.w_in[0].T
+            qkv2 += xp.concatenate([bq, bk, bv])
+            q2, k2, v2 = qkv2[:, :d_model], qkv2[:, d_model:2 * d_model], qkv2[:, 2 * d_model:]
+        q = _split_heads(q2, batch, length, heads)
+        k_t = _split_heads(k2, batch, source_length, heads, key_major=True)
+        v = _split_heads(v2, batch, source_length, heads)
+        mask_bias = additive_mask(xp, allowed, x.dtype)
+        out, weights, attended = attention_forward(xp, q, k_t, v, mask_bias, keep_scale)
+        merged = _merge_heads(out)
+        y = merged @ wo.T
+        y += bo
+        if weights_sink is not None:
+            weights_sink.append(weights)
+        self.saved = (x2, c2, q, k_t, v, weights, attended, merged, keep_scale, wo)
+        return y.reshape(batch, length, d_model)
+
+    def backward(self, grad):
+        refuse_create_graph("fused multi-head attention", "MultiHeadAttention(..., fused=False)")
+        xp = self.xp
+        x2, c2, q, k_t, v, weights, attended, merged, keep_scale, wo = self.saved
+        g2 = grad.data.reshape(merged.shape)
+        grad_wo, grad_bo = g2.T @ merged, column_sum(xp, g2)
+        batch, heads, length, _ = q.shape
+        grad_out = _split_heads(g2 @ wo, batch, length, heads)
+        grad_q, grad_k, grad_v = (_merge_heads(g) for g in attention_backward(xp, grad_out, q, k_t, v, weights, attended, keep_scale))
+        if self.cross:
+            grad_kv = xp.concatenate([grad_k, grad_v], axis=1)
+            grad_x, grad_context = grad_q @ self.w_in[0], grad_kv @ self.w_in[1]
+            grad_w_in = xp.concatenate([grad_q.T @ x2, grad_kv.T @ c2])
+            grad_b_in = xp.concatenate([column_sum(xp, grad_q), column_sum(xp, grad_kv)])
+            leading = (grad_x, grad_context)
+        else:
+            grad_qkv = xp.concatenate([grad_q, grad_k, grad_v], axis=1)
+            grad_x = grad_qkv @ self.w_in[0]
+            grad_w_in, grad_b_in = grad_qkv.T @ x2, column_sum(xp, grad_qkv)
+            leading = (grad_x,)
+        d_model = merged.shape[1]
+        weight_grads = []
+        for part in range(3):
+            rows = slice(part * d_model, (part + 1) * d_model)
+            weight_grads += [grad_w_in[rows], grad_b_in[rows]]
+        shaped = [g.reshape(t.shape) for g, t in zip(leading, self.inputs)]
+        return tuple(constant(g) for g in (*shaped, *weight_grads, grad_wo, grad_bo))
+
+
+class FusedLayerNorm(Function):
+    """LayerNorm over the last axis as one Function (twin: functional.layer_norm(..., fused=False))."""
+
+    def forward(self, x, weight, bias, eps):
+        xp = self.xp
+        inverse_d = 1.0 / x.shape[-1]
+        centered = x - row_sum(xp, x) * inverse_d
+        variance = row_sum(xp, centered * centered) * inverse_d
+        self.inverse_std = 1.0 / xp.sqrt(variance + eps)
+        self.normalized = centered
+        self.normalized *= self.inverse_std
+        out = self.normalized * weight
+        out += bias
+        return out
+
+    def backward(self, grad):
+        refuse_create_graph("fused layer norm", "layer_norm(..., fused=False)")
+        xp = self.xp
+        g, weight, normalized = grad.data, self.inputs[1].data, self.normalized
+        dim = normalized.shape[-1]
+        g2, n2 = g.reshape(-1, dim), normalized.reshape(-1, dim)
+        grad_weight = column_sum(xp, g2 * n2)
+        grad_bias = column_sum(xp, g2)
+        grad_normalized = g * weight
+        # dx = rstd * (dn - mean(dn) - n * mean(dn * n)), with n the normalised input
+        correction = row_sum(xp, grad_normalized) + normalized * row_sum(xp, grad_normalized * normalized)
+        grad_normalized -= correction * (1.0 / dim)
+        grad_normalized *= self.inverse_std
+        return constant(grad_normalized), constant(grad_weight), constant(grad_bias)
+
+
+class FusedCrossEntropyRows(Function):
+    """Per-row cross-entropy of (N, C) logits with label smoothing, ignored rows zero.
+
+    Twin: functional.cross_entropy(..., fused=False), built from log_softmax and indexing.
+    """
+
+    def forward(self, logits, targets, keep, smoothing):
+        xp = self.xp
+        rows = xp.arange(logits.shape[0])
+        shifted = logits - row_max(xp, logits)
+        log_probs = shifted - xp.log(row_sum(xp, xp.exp(shifted)))
+        losses = -(1.0 - smoothing) * log_probs[rows, targets]
+        if smoothing:
+            losses -= smoothing * row_sum(xp, log_probs)[:, 0] * (1.0 / logits.shape[1])
+        losses *= keep
+        self.log_probs, self.targets, self.keep, self.smoothing, self.rows = log_probs, targets, keep, smoothing, rows
+        return losses
+
+    def backward(self, grad):
+        refuse_create_graph("fused cross-entropy", "cross_entropy(..., fused=False)")
+        xp = self.xp
+        # d loss_i / d logits_i = softmax_i - target distribution_i
+        grad_logits = xp.exp(self.log_probs)
+        grad_logits[self.rows, self.targets] -= 1.0 - self.smoothing
+        if self.smoothing:
+            grad_logits -= self.smoothing / grad_logits.shape[1]
+        grad_logits *= (grad.data * self.keep)[:, None]
+        return constant(grad_logits)
