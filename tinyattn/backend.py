@@ -173,3 +173,19 @@ def generator(seed=None):
 
 def host_arange(start, stop, step, dtype):
     return numpy.arange(start, stop, step, dtype=dtype)
+
+
+def save_arrays(file, arrays):
+    """Write named arrays (host copies) to an open binary file in NumPy's .npz format."""
+    numpy.savez(file, **{name: to_host(array) for name, array in arrays.items()})
+
+
+def load_arrays(path):
+    """Read every array of an .npz file into memory, refusing pickled objects."""
+    with numpy.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def text_array(text):
+    """A str as a 0-d unicode array, storable in .npz without pickle."""
+    return numpy.array(text)

@@ -82,8 +82,9 @@ class EncoderLayer(Module):
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, **make)
         self.dropout = Dropout(dropout, generator)
 
-    def forward(self, x, mask=None, need_weights=False):
-        attended, weights = self.self_attn(self.norm1(x), mask=mask, need_weights=need_weights)
+    def forward(self, x, mask=None, need_weights=False, causal=False, cache=None):
+        """causal=True makes it a decoder-only (GPT) block; cache: a dict for step-by-step decoding."""
+        attended, weights = self.self_attn(self.norm1(x), mask=mask, causal=causal, need_weights=need_weights, cache=cache)
         x = x + self.dropout(attended)
         x = x + self.dropout(self.feed_forward(self.norm2(x)))
         return x, weights
@@ -128,15 +129,24 @@ class _Stack(Module):
 
 
 class Encoder(_Stack):
-    """EncoderLayers and a final LayerNorm (needed with pre-LN: the residual stream is never normalised)."""
+    """EncoderLayers and a final LayerNorm (needed with pre-LN: the residual stream is never normalised).
+
+    With causal=True it is the decoder-only stack of GPT: each position sees only itself
+    and earlier positions.
+    """
 
     def __init__(self, num_layers, d_model, n_heads, d_ff, **options):
         super().__init__(EncoderLayer, num_layers, d_model, n_heads, d_ff, **options)
 
-    def forward(self, x, mask=None, need_weights=False):
+    def new_cache(self):
+        """An empty key/value cache, one dict per layer, for step-by-step causal decoding."""
+        return [{} for _ in self.layers]
+
+    def forward(self, x, mask=None, need_weights=False, causal=False, cache=None):
         all_weights = []
-        for layer in self.layers:
-            x, weights = layer(x, mask=mask, need_weights=need_weights)
+        for index, layer in enumerate(self.layers):
+            x, weights = layer(x, mask=mask, need_weights=need_weights, causal=causal,
+                               cache=cache[index] if cache is not None else None)
             all_weights.append(weights)
         return self.norm(x), (all_weights if need_weights else None)
 

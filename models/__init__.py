@@ -1,0 +1,19 @@
+"""Model definitions built on tinyattn, and the registry train.py builds them from."""
+from .gpt import DecoderOnlyTransformer
+from .transformer import Seq2SeqTransformer
+
+MODELS = ("transformer", "gpt")
+
+
+def build_model(config, vocab_size, device=None):
+    """The model a train.py config names, sized for its task's longest sequences."""
+    common = dict(d_model=config["d_model"], n_heads=config["heads"], d_ff=config["d_ff"], dropout=config["dropout"],
+                  seed=config["seed"], device=device)
+    if config["model"] == "transformer":
+        # decoder input is BOS + target: max_len + 1 positions
+        return Seq2SeqTransformer(vocab_size, encoder_layers=config["layers"], decoder_layers=config["layers"],
+                                  max_len=config["max_len"] + 1, **common)
+    if config["model"] == "gpt":
+        # BOS source SEP target (EOS is only ever a label): 2 * max_len + 2 positions
+        return DecoderOnlyTransformer(vocab_size, num_layers=config["layers"], max_len=2 * config["max_len"] + 2, **common)
+    raise ValueError(f"unknown model {config['model']!r}; expected one of {', '.join(MODELS)}")

@@ -1,0 +1,93 @@
+"""Checkpoints: model, optimizer, schedule and training state in one .npz file.
+
+Written atomically (a temporary file in the same folder, flushed, then renamed over the
+target), so an interrupted save never leaves a half-written checkpoint behind, and read
+with pickle disabled, so opening a checkpoint cannot run code. Everything that is not an
+array (the config, generator states, step counts) travels as JSON text inside the file.
+"""
+import json
+import os
+import tempfile
+import zipfile
+
+from . import backend
+from .engine import Tensor
+
+FORMAT = "tinyattn-checkpoint-1"
+ARRAY_MARK = "__array__"
+ZIP_MAGIC = b"PK\x03\x04"  # .npz files are zip archives
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable, or not what was expected; the message names the file."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"checkpoint {path}: {problem}")
+        self.path = path
+
+
+def _split(tree, prefix, arrays):
+    """Replace arrays in a nested dict/list by markers, collecting them under dotted keys."""
+    if isinstance(tree, Tensor):
+        tree = tree.data
+    if backend.is_array(tree):
+        arrays[prefix] = tree
+        return {ARRAY_MARK: prefix}
+    if isinstance(tree, dict):
+        return {str(key): _split(value, f"{prefix}/{key}", arrays) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_split(value, f"{prefix}/{index}", arrays) for index, value in enumerate(tree)]
+    return tree
+
+
+def _join(tree, arrays):
+    if isinstance(tree, dict):
+        if set(tree) == {ARRAY_MARK}:
+            return arrays[tree[ARRAY_MARK]]
+        return {key: _join(value, arrays) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_join(value, arrays) for value in tree]
+    return tree
+
+
+def save(path, state):
+    """Write `state` (nested dicts and lists of arrays, Tensors, numbers and strings) to `path` atomically."""
+    arrays = {}
+    skeleton = _split(state, "state", arrays)
+    arrays["__format__"] = backend.text_array(FORMAT)
+    arrays["__skeleton__"] = backend.text_array(json.dumps(skeleton))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz.tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            backend.save_arrays(file, arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def load(path):
+    """Read a checkpoint written by `save`; any problem is a CheckpointError naming the file."""
+    if not os.path.exists(path):
+        raise CheckpointError(path, "no such file")
+    with open(path, "rb") as file:
+        if file.read(4) != ZIP_MAGIC:
+            raise CheckpointError(path, "not an .npz file (a tinyattn checkpoint is a zip archive of arrays)")
+    try:
+        arrays = backend.load_arrays(path)
+    except ValueError as error:
+        if "pickle" in str(error):
+            raise CheckpointError(path, "contains pickled objects, which tinyattn never writes and will not load") from None
+        raise CheckpointError(path, f"not a readable .npz file ({error})") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise CheckpointError(path, f"truncated or not an .npz file ({type(error).__name__}: {error})") from None
+    if "__format__" not in arrays or str(arrays["__format__"]) != FORMAT:
+        raise CheckpointError(path, f"not a tinyattn checkpoint (no '{FORMAT}' marker)")
+    try:
+        return _join(json.loads(str(arrays["__skeleton__"])), arrays)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(path, f"damaged: {error}") from None

@@ -1,0 +1,98 @@
+"""Pictures for study: the computation graph as Graphviz DOT, attention maps as text and SVG.
+
+Nothing here needs a plotting library: DOT and SVG are text, and the terminal heatmap
+is made of block characters.
+"""
+from xml.sax.saxutils import escape
+
+from .engine import Tensor
+
+SHADES = " ░▒▓█"  # from no weight to all of it
+
+
+def _tensor_label(tensor, names):
+    name = names.get(id(tensor))
+    shape = "x".join(str(n) for n in tensor.shape) or "scalar"
+    return f"{name}\\n{shape}" if name else f"{shape} {tensor.dtype}"
+
+
+def to_dot(tensor, names=None):
+    """The graph that computed `tensor`, as Graphviz DOT text (render with `dot -Tsvg`).
+
+    Tensors are ellipses (leaves that require grad are filled), ops are boxes. `names`
+    maps tensors to labels, for example `{p: n for n, p in model.named_parameters()}`.
+    The graph must not have been released by backward() (use retain_graph=True).
+    """
+    names = {id(t): label for t, label in (names or {}).items()}
+    lines = ["digraph tinyattn {", "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=10];']
+    seen_tensors, seen_functions = set(), set()
+
+    def add_tensor(t):
+        if id(t) not in seen_tensors:
+            seen_tensors.add(id(t))
+            style = ', style=filled, fillcolor="#cfe2ff"' if t.is_leaf and t.requires_grad else ""
+            lines.append(f'  t{id(t)} [shape=ellipse, label="{_tensor_label(t, names)}"{style}];')
+
+    add_tensor(tensor)
+    stack = [tensor]
+    while stack:
+        output = stack.pop()
+        function = output.grad_fn
+        if function is None or id(function) in seen_functions:
+            continue
+        if function.inputs is None:
+            raise RuntimeError("to_dot() needs the graph, but backward() already released it; call backward(retain_graph=True) first")
+        seen_functions.add(id(function))
+        lines.append(f'  f{id(function)} [shape=box, style=rounded, label="{type(function).__name__}"];')
+        lines.append(f"  f{id(function)} -> t{id(output)};")
+        for parent in function.inputs:
+            add_tensor(parent)
+            lines.append(f"  t{id(parent)} -> f{id(function)};")
+            stack.append(parent)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _values(weights):
+    return weights.tolist() if not isinstance(weights, list) else weights
+
+
+def heatmap_text(weights, row_labels, column_labels):
+    """A (rows, columns) weight matrix as block characters, darker for more weight."""
+    rows = _values(weights.numpy() if isinstance(weights, Tensor) else weights)
+    width = max(len(label) for label in row_labels)
+    header = " " * (width + 1) + "".join(label[:2].rjust(2) for label in column_labels)
+    lines = [header]
+    for label, row in zip(row_labels, rows):
+        top = max(row) or 1.0
+        cells = "".join(SHADES[min(int(value / top * (len(SHADES) - 1) + 0.5), len(SHADES) - 1)] * 2 for value in row)
+        lines.append(f"{label.rjust(width)} {cells}")
+    return "\n".join(lines)
+
+
+def attention_svg(maps, row_labels, column_labels, title="cross-attention"):
+    """An SVG grid of attention maps, one panel per (layer, head); maps has shape (layers, heads, rows, columns)."""
+    maps = _values(maps)
+    cell, gap, margin = 16, 24, 40
+    n_rows, n_columns = len(row_labels), len(column_labels)
+    panel_width, panel_height = n_columns * cell, n_rows * cell
+    layers, heads = len(maps), len(maps[0])
+    width = margin + heads * (panel_width + gap + margin)
+    height = margin + 20 + layers * (panel_height + gap + margin)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="Helvetica" font-size="10">',
+             f'<text x="{margin}" y="20" font-size="14">{escape(title)}: rows are outputs, columns are inputs</text>']
+    for layer in range(layers):
+        for head in range(heads):
+            left = margin + head * (panel_width + gap + margin)
+            top = margin + 20 + layer * (panel_height + gap + margin)
+            parts.append(f'<text x="{left}" y="{top - 6}">layer {layer + 1}, head {head + 1}</text>')
+            for i, row in enumerate(maps[layer][head]):
+                for j, value in enumerate(row):
+                    parts.append(f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
+                                 f'fill="#1f4e9c" fill-opacity="{value:.3f}" stroke="#ddd" stroke-width="0.5"/>')
+            for i, label in enumerate(row_labels):
+                parts.append(f'<text x="{left - 4}" y="{top + i * cell + 12}" text-anchor="end">{escape(label)}</text>')
+            for j, label in enumerate(column_labels):
+                parts.append(f'<text x="{left + j * cell + cell / 2}" y="{top + panel_height + 12}" text-anchor="middle">{escape(label)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
