@@ -170,10 +170,28 @@ def evaluate(model, task, batches):
     return {"exact_match": exact / count, "token_accuracy": correct / total, "sequences": count, "samples": samples}
 
 
+def parameters_finite(model):
+    return all(bool(p.xp.isfinite(p.data).all()) for p in model.parameters())
+
+
+def stop_on_divergence(progress, what, path, saved_step):
+    progress.close()
+    last = f"the last good checkpoint is {path} (step {saved_step})" if saved_step else "no checkpoint was saved"
+    print(f"error: {what}; stopping ({last})", file=sys.stderr)
+    return 1
+
+
 def show_samples(samples):
     for source, predicted, right in samples:
         output = [token for token in predicted if token != EOS]
         print(f"  {describe(source)} -> {describe(output)}{'' if EOS in predicted else ' (no EOS)'}  {'✓' if right else '✗'}")
+
+
+def open_log(path, append):
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    return open(path, "a" if append else "w")
 
 
 def train(config, resume=None, resume_path=None):
@@ -185,7 +203,7 @@ def train(config, resume=None, resume_path=None):
     path = os.path.join(config["out"], CHECKPOINT_NAME)
     print("config: " + json.dumps({key: config[key] for key in DEFAULTS}), flush=True)
     print(f"model: {config['model']}, {run.model.num_parameters():,} parameters; device {ta.get_default_device()}", flush=True)
-    log = open(config["log"], "a" if resume else "w") if config["log"] else None
+    log = open_log(config["log"], append=resume is not None) if config["log"] else None
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     start = time.perf_counter()
@@ -199,10 +217,7 @@ def train(config, resume=None, resume_path=None):
             loss = cross_entropy(logits, labels, ignore_index=PAD)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                last = f"the last good checkpoint is {path} (step {saved_step})" if saved_step else "no checkpoint was saved"
-                progress.close()
-                print(f"error: the loss became {loss_value} at step {run.step + 1}; stopping ({last})", file=sys.stderr)
-                return 1
+                return stop_on_divergence(progress, f"the loss became {loss_value} at step {run.step + 1}", path, saved_step)
             run.optimizer.zero_grad()
             loss.backward()
             if config["grad_clip"]:
@@ -232,6 +247,8 @@ def train(config, resume=None, resume_path=None):
                     log.flush()
             stop = interrupted or run.step == config["stop_at"] or (due and result["exact_match"] >= config["target_accuracy"])
             if due or stop:
+                if not parameters_finite(run.model):  # never save a diverged model over the last good one
+                    return stop_on_divergence(progress, f"the weights became non-finite at step {run.step}", path, saved_step)
                 checkpoint.save(path, run.state(elapsed))
                 saved_step = run.step
             if interrupted:
@@ -304,7 +321,7 @@ def decode(run, text, svg_path, parser):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.evaluate or args.decode) and not args.checkpoint:
+    if (args.evaluate or args.decode is not None) and not args.checkpoint:
         parser.error("--evaluate and --decode need --checkpoint PATH")
     if args.checkpoint and args.resume:
         parser.error("use --resume to continue training, or --checkpoint to inspect; not both")
@@ -314,7 +331,7 @@ def main(argv=None):
             ta.set_default_device(args.device)
         if args.checkpoint:
             run = load_for_inspection(args.checkpoint, args, parser)
-            if args.decode:
+            if args.decode is not None:
                 decode(run, args.decode, args.svg or "attention.svg", parser)
             else:
                 result = evaluate(run.model, run.task, run.task.eval_set(run.config["eval_size"], run.config["seed"], 512,
@@ -329,7 +346,7 @@ def main(argv=None):
     except ta.DeviceError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    except checkpoint.CheckpointError as error:
+    except (checkpoint.CheckpointError, OSError) as error:  # unreadable checkpoints, unwritable --out or --log
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
 

@@ -86,4 +86,8 @@ class Seq2SeqTransformer(nn.Module):
             return logits[:, -1], cross
 
         start = ta.full((source.shape[0], 1), BOS, dtype=ta.int64, device=source.device)
-        return greedy_loop(step, start, max_new_tokens, need_weights)
+        rows, maps = greedy_loop(step, start, max_new_tokens, need_weights)
+        if need_weights:  # drop each row's padding columns
+            lengths = (source != PAD).numpy().sum(axis=1).tolist()
+            maps = [row_map[..., :length] for row_map, length in zip(maps, lengths)]
+        return rows, maps

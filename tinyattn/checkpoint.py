@@ -26,17 +26,18 @@ class CheckpointError(Exception):
         self.path = path
 
 
-def _split(tree, prefix, arrays):
-    """Replace arrays in a nested dict/list by markers, collecting them under dotted keys."""
+def _split(tree, arrays):
+    """Replace arrays in a nested dict/list by markers, collecting them in `arrays`."""
     if isinstance(tree, Tensor):
         tree = tree.data
     if backend.is_array(tree):
-        arrays[prefix] = tree
-        return {ARRAY_MARK: prefix}
+        name = f"array{len(arrays)}"  # numbered, not named by path: any key (even one with '/') is safe
+        arrays[name] = tree
+        return {ARRAY_MARK: name}
     if isinstance(tree, dict):
-        return {str(key): _split(value, f"{prefix}/{key}", arrays) for key, value in tree.items()}
+        return {str(key): _split(value, arrays) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return [_split(value, f"{prefix}/{index}", arrays) for index, value in enumerate(tree)]
+        return [_split(value, arrays) for value in tree]
     return tree
 
 
@@ -53,7 +54,7 @@ def _join(tree, arrays):
 def save(path, state):
     """Write `state` (nested dicts and lists of arrays, Tensors, numbers and strings) to `path` atomically."""
     arrays = {}
-    skeleton = _split(state, "state", arrays)
+    skeleton = _split(state, arrays)
     arrays["__format__"] = backend.text_array(FORMAT)
     arrays["__skeleton__"] = backend.text_array(json.dumps(skeleton))
     folder = os.path.dirname(os.path.abspath(path))

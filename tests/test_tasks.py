@@ -1,0 +1,64 @@
+"""The toy tasks: token layout, seeded streams, held-out separation, bad settings."""
+import pytest
+
+from tinyattn.tasks import BOS, EOS, FIRST_SYMBOL, PAD, SequenceTask, describe, pad
+
+
+def test_layout_of_a_reverse_batch():
+    task = SequenceTask("reverse", vocab=5, min_len=2, max_len=3)
+    batch = task.make_batch([[4, 5, 6], [7, 8]])
+    assert batch.source.tolist() == [[4, 5, 6], [7, 8, PAD]]
+    assert batch.decoder_input.tolist() == [[BOS, 6, 5, 4], [BOS, 8, 7, PAD]]
+    assert batch.labels.tolist() == [[6, 5, 4, EOS], [8, 7, EOS, PAD]]
+    assert batch.num_tokens == 4 + 3
+    assert task.vocab_size == 4 + 5
+
+
+@pytest.mark.parametrize("name, expected", [("copy", [6, 4, 5]), ("reverse", [5, 4, 6]), ("sort", [4, 5, 6])])
+def test_each_task_transforms_the_source(name, expected):
+    assert SequenceTask(name).target_for([6, 4, 5]) == expected
+
+
+def test_streams_are_seeded_resumable_and_within_settings():
+    task = SequenceTask("copy", vocab=3, min_len=2, max_len=5)
+    first, again = task.batches(16, seed=4), task.batches(16, seed=4)
+    a, b = next(first), next(again)
+    assert a.sources == b.sources
+    assert all(2 <= len(row) <= 5 and all(FIRST_SYMBOL <= s < FIRST_SYMBOL + 3 for s in row) for row in a.sources)
+    saved = first.state()
+    expected = next(first).sources
+    again.set_state(saved)
+    assert next(again).sources == expected
+    assert next(task.batches(16, seed=5)).sources != a.sources
+
+
+def test_held_out_set_comes_from_a_different_stream_than_training():
+    task = SequenceTask("reverse", vocab=10, min_len=8, max_len=16)
+    held_out = [tuple(row) for batch in task.eval_set(256, seed=0, batch_size=100) for row in batch.sources]
+    assert len(held_out) == 256 and [len(b) for b in task.eval_set(256, 0, batch_size=100)] == [100, 100, 56]
+    training = {tuple(row) for _, batch in zip(range(20), task.batches(64, seed=0)) for row in batch.sources}
+    assert not training & set(held_out)  # long random sequences: any overlap would mean a shared stream
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(name="shuffle"), "unknown task 'shuffle'"),
+    (dict(vocab=1), "vocab must be at least 2"),
+    (dict(min_len=5, max_len=3), r"min_len \(5\) must not exceed max_len \(3\)"),
+    (dict(min_len=0), "min_len must be at least 1"),
+])
+def test_bad_settings_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        SequenceTask(**options)
+
+
+def test_bad_source_symbols_and_batch_size():
+    task = SequenceTask("copy", vocab=3)
+    with pytest.raises(ValueError, match=r"\[4, 7\), got 9"):
+        task.make_batch([[4, 9]])
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        task.batches(0, seed=0)
+
+
+def test_pad_and_describe():
+    assert pad([[5], [6, 7]]).tolist() == [[5, PAD], [6, 7]]
+    assert describe([BOS, 4, 13, EOS]) == "<bos> 0 9 <eos>"

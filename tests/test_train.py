@@ -1,0 +1,539 @@
+"""train.py end to end: it learns, resumes bit for bit, survives Ctrl-C, and refuses bad input in one line.
+
+Every run uses a tiny copy task (vocab 4, lengths 1..4, one layer of width 32), which a
+CPU learns to 100% held-out exact-match in about 200 steps, a second or two.
+"""
+import contextlib
+import io
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train
+from tinyattn import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--task", "copy", "--vocab", "4", "--min-len", "1", "--max-len", "4", "--d-model", "32", "--heads", "2",
+        "--layers", "1", "--d-ff", "64", "--batch-size", "32", "--eval-size", "64", "--warmup", "20"]
+LOG_KEYS = {"step", "loss", "exact_match", "token_accuracy", "lr", "elapsed"}
+HELD_OUT = re.compile(r"held-out \((\d+) sequences\): exact-match ([0-9.]+)%")
+EVALUATED = re.compile(r"held-out exact-match ([0-9.]+)%.* on (\d+) sequences")
+
+
+def run_main(argv):
+    """train.main in-process: (exit code, stdout, stderr); argparse's SystemExit becomes its code."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = train.main([str(a) for a in argv])
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def error_line(err):
+    """The one line a failure prints (tqdm may leave a cleared bar before it, which is not a line of text)."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected exactly one line of error, got {err!r}"
+    return lines[0]
+
+
+def snapshot(folder):
+    """Every file in a folder (hidden ones included) with its bytes."""
+    folder = Path(folder)
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One small copy model trained to the target, shared by the evaluate, decode and fault tests."""
+    base = tmp_path_factory.mktemp("trained")
+    out, log = base / "run", base / "log.jsonl"
+    code, stdout, stderr = run_main([*TINY, "--lr", "1e-2", "--steps", "800", "--eval-every", "50",
+                                     "--target-accuracy", "1.0", "--out", out, "--log", log])
+    assert code == 0, stderr
+    path = out / train.CHECKPOINT_NAME
+    return {"path": path, "out": out, "log": log, "stdout": stdout, "stderr": stderr, "bytes": path.read_bytes()}
+
+
+# --- 1. it learns --------------------------------------------------------------------------------
+
+def test_learns_copy_to_full_held_out_exact_match(trained):
+    stdout = trained["stdout"]
+    sequences, exact = HELD_OUT.search(stdout).groups()
+    assert int(sequences) == 64
+    assert float(exact) == 100.0
+    assert "(reached the target 100%)" in stdout
+    summary = re.search(r"^steps (\d+), wall time ([0-9.]+) s, checkpoint (.+)$", stdout, re.M)
+    assert summary, stdout
+    steps = int(summary.group(1))
+    assert 0 < steps < 800 and steps % 50 == 0  # stopped early, at an evaluation, once the target was reached
+    assert float(summary.group(2)) > 0
+    assert summary.group(3) == str(trained["path"])
+    assert trained["path"].is_file()
+    samples = stdout.split("samples (input -> output):\n", 1)[1].splitlines()
+    assert len(samples) == train.SAMPLES_SHOWN
+    for line in samples:
+        match = re.fullmatch(r"  ([0-3](?: [0-3])*) -> ([0-3](?: [0-3])*)  ✓", line)
+        assert match, line
+        assert match.group(1) == match.group(2)  # copy: the output is the input
+    # the early stop happened at the first evaluation that reached 100%, and the checkpoint is from that step
+    log = read_log(trained["log"])
+    assert log[-1]["step"] == steps and log[-1]["exact_match"] == 1.0
+    assert all(entry["exact_match"] < 1.0 for entry in log[:-1])
+    assert checkpoint.load(trained["path"])["step"] == steps
+
+
+# --- 3. checkpoint round trip --------------------------------------------------------------------
+
+def test_evaluate_reports_what_training_ended_with(trained):
+    code, stdout, stderr = run_main(["--checkpoint", trained["path"], "--evaluate"])
+    assert code == 0, stderr
+    exact, sequences = EVALUATED.search(stdout).groups()
+    trained_sequences, trained_exact = HELD_OUT.search(trained["stdout"]).groups()
+    assert (exact, sequences) == (trained_exact, trained_sequences) == ("100.0", "64")
+    step = checkpoint.load(trained["path"])["step"]
+    assert f"(step {step})" in stdout
+    assert stdout.count("✓") == train.SAMPLES_SHOWN
+    assert trained["path"].read_bytes() == trained["bytes"]  # inspecting never writes
+
+
+def test_saved_checkpoint_holds_the_whole_training_state(trained):
+    state = checkpoint.load(trained["path"])
+    assert state["config"]["d_model"] == 32 and state["config"]["task"] == "copy"
+    run = train.Run(dict(state["config"], device=None))
+    assert set(state["model"]) == set(run.model.state_dict())
+    for name, value in run.model.state_dict().items():
+        assert state["model"][name].shape == tuple(value.shape)
+        assert np.isfinite(state["model"][name]).all()
+    run.restore(state, trained["path"])
+    assert run.step == state["step"]
+    assert run.schedule.state_dict()["step"] == state["step"] + 1  # the schedule holds the lr of the next step
+    assert run.optimizer.state_dict()["step"] == state["step"]
+
+
+# --- 2. resume equals an uninterrupted run ---------------------------------------------------------
+
+def log_without_elapsed(path):
+    return [{key: value for key, value in entry.items() if key != "elapsed"} for entry in read_log(path)]
+
+
+def assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    assert set(a["model"]) == set(b["model"])
+    for name in a["model"]:
+        assert np.array_equal(a["model"][name], b["model"][name]), name
+    for index, slots in a["optimizer"]["state"].items():
+        for slot, value in slots.items():
+            other = b["optimizer"]["state"][index][slot]
+            assert np.array_equal(value, other) if isinstance(value, np.ndarray) else value == other, (index, slot)
+    assert a["optimizer"]["step"] == b["optimizer"]["step"] and a["optimizer"]["lr"] == b["optimizer"]["lr"]
+    assert a["schedule"] == b["schedule"]
+    assert a["data"] == b["data"]
+    assert a["dropout_generator"] == b["dropout_generator"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--dropout", "0.1"], ["--model", "gpt"]], ids=["transformer", "dropout", "gpt"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
+    flags = [*TINY, "--lr", "3e-3", "--steps", "40", "--eval-every", "10", "--target-accuracy", "1.0", *extra]
+    code, stdout, stderr = run_main([*flags, "--out", tmp_path / "a", "--log", tmp_path / "a.jsonl"])
+    assert code == 0, stderr
+    a_log = log_without_elapsed(tmp_path / "a.jsonl")
+    assert [entry["step"] for entry in a_log] == [10, 20, 30, 40]  # no early stop: all four evaluations happened
+    assert "steps 40," in stdout
+
+    code, stdout, stderr = run_main([*flags, "--stop-at", "20", "--out", tmp_path / "b", "--log", tmp_path / "b.jsonl"])
+    assert code == 0, stderr
+    assert "stopped at step 20" in stdout and "--resume" in stdout
+    assert checkpoint.load(tmp_path / "b" / train.CHECKPOINT_NAME)["step"] == 20
+    code, stdout, stderr = run_main(["--resume", tmp_path / "b" / train.CHECKPOINT_NAME, "--log", tmp_path / "b.jsonl"])
+    assert code == 0, stderr
+    assert "steps 40," in stdout
+    b_log = log_without_elapsed(tmp_path / "b.jsonl")
+    assert [entry["step"] for entry in b_log] == [10, 20, 30, 40]  # the resumed run appended to the log
+    assert b_log == a_log  # every logged number, steps 30 and 40 included, bit for bit
+    assert {key for key in read_log(tmp_path / "b.jsonl")[-1]} == LOG_KEYS
+
+    final_a = checkpoint.load(tmp_path / "a" / train.CHECKPOINT_NAME)
+    final_b = checkpoint.load(tmp_path / "b" / train.CHECKPOINT_NAME)
+    assert final_a["step"] == 40
+    assert_same_state(final_a, final_b)
+    assert final_a["config"] == dict(final_b["config"], out=final_a["config"]["out"], log=final_a["config"]["log"])
+
+
+def test_dropout_changes_training_so_the_resume_test_covers_its_generator(tmp_path):
+    """Guard for the test above: with --dropout 0.1 the masks matter, so a wrongly restored generator would show."""
+    flags = [*TINY, "--lr", "3e-3", "--steps", "40", "--eval-every", "10", "--target-accuracy", "1.0", "--stop-at", "20"]
+    for name, extra in (("plain", []), ("dropout", ["--dropout", "0.1"])):
+        assert run_main([*flags, *extra, "--out", tmp_path / name, "--log", tmp_path / f"{name}.jsonl"])[0] == 0
+    assert log_without_elapsed(tmp_path / "plain.jsonl") != log_without_elapsed(tmp_path / "dropout.jsonl")
+    state = checkpoint.load(tmp_path / "dropout" / train.CHECKPOINT_NAME)
+    fresh = train.Run(dict(state["config"], device=None))
+    assert state["dropout_generator"] != fresh.model.generator.bit_generator.state  # the generator advanced and was saved
+
+
+# --- 4. bad input: exit code 2 and one line --------------------------------------------------------
+
+BAD_FLAGS = [
+    (["--steps", "-5"], "--steps must be positive"),
+    (["--heads", "3", "--d-model", "32"], "--heads (3) must divide --d-model (32)"),
+    (["--task", "shuffle"], "--task"),
+    (["--min-len", "5", "--max-len", "4"], "--min-len (5) must not exceed --max-len (4)"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--warmup", "50", "--steps", "50"], "--warmup"),
+    (["--decode", "1 2 3"], "--checkpoint"),
+    (["--evaluate"], "--checkpoint"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--target-accuracy", "1.5"], "--target-accuracy"),
+    (["--stop-at", "0"], "--stop-at"),
+    (["--steps", "ten"], "--steps"),
+]
+
+
+@pytest.mark.parametrize("flags, named", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS])
+def test_bad_flags_exit_2_with_one_line(tmp_path, flags, named):
+    code, stdout, stderr = run_main([*flags, "--out", tmp_path / "out"])
+    assert code == 2
+    line = error_line(stderr)
+    assert line.startswith("train.py: error: ")
+    assert named in line
+    assert stdout == ""
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_unknown_task_message_lists_the_choices(tmp_path):
+    code, _, stderr = run_main(["--task", "shuffle", "--out", tmp_path])
+    assert code == 2
+    line = error_line(stderr)
+    assert "'shuffle'" in line and all(name in line for name in ("copy", "reverse", "sort"))
+
+
+def test_cuda_without_cupy_says_how_to_install_it(tmp_path):
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("CuPy is installed here")
+    code, stdout, stderr = run_main([*TINY, "--steps", "30", "--device", "cuda", "--out", tmp_path / "out"])
+    assert code == 2
+    line = error_line(stderr)
+    assert "pip install -e '.[cuda]'" in line and "cuda" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("symbols, named", [("3 x", "integers"), ("1 4", "[0, 4)"), ("-1 2", "[0, 4)"), ("", "[0, 4)"),
+                                            ("0 1 2 3 0", "--max-len 4")],
+                         ids=["not-a-number", "out-of-range", "negative", "empty", "too-long"])
+def test_bad_decode_symbols_exit_2_with_one_line(trained, tmp_path, symbols, named):
+    svg = tmp_path / "attention.svg"
+    code, stdout, stderr = run_main(["--checkpoint", trained["path"], f"--decode={symbols}", "--svg", svg])
+    assert code == 2
+    line = error_line(stderr)
+    assert line.startswith("train.py: error: --decode") and named in line
+    assert not svg.exists()
+
+
+# --- 5. checkpoint faults: exit code 1, one line naming the file, nothing overwritten --------------
+
+def real_state(trained):
+    return checkpoint.load(trained["path"])
+
+
+def fault_files(trained, folder):
+    """name -> (path of a bad checkpoint, words its error must contain)."""
+    folder.mkdir()
+    files = {}
+    files["missing"] = (folder / "missing.npz", "no such file")
+    half = folder / "truncated.npz"
+    half.write_bytes(trained["bytes"][:len(trained["bytes"]) // 2])
+    files["truncated"] = (half, "truncated")
+    text = folder / "notes.npz"
+    text.write_text("these are my notes, not a checkpoint\n")
+    files["text"] = (text, "not an .npz file")
+    foreign = folder / "foreign.npz"
+    np.savez(foreign, weights=np.ones((2, 3)), bias=np.zeros(3))
+    files["foreign-npz"] = (foreign, "not a tinyattn checkpoint")
+    pickled = folder / "pickled.npz"
+    np.savez(pickled, __format__=np.array(checkpoint.FORMAT), __skeleton__=np.array("{}"),
+             evil=np.array([{"a": 1}, None], dtype=object))
+    files["pickled-npz"] = (pickled, "pickle")
+    raw_pickle = folder / "raw.pkl"
+    raw_pickle.write_bytes(pickle.dumps({"model": {}}))
+    files["pickle"] = (raw_pickle, "not an .npz file")
+    empty = folder / "empty.npz"
+    empty.write_bytes(b"")
+    files["empty"] = (empty, "not an .npz file")
+    files["directory"] = (folder, "directory")
+
+    state = real_state(trained)
+    state["config"] = dict(state["config"], d_model=16)
+    checkpoint.save(folder / "wrong-config.npz", state)
+    files["config-does-not-fit"] = (folder / "wrong-config.npz", "does not fit")
+    state = real_state(trained)
+    name = sorted(state["model"])[0]
+    state["model"][name] = np.zeros(state["model"][name].shape[:-1] + (state["model"][name].shape[-1] + 1,), np.float32)
+    checkpoint.save(folder / "wrong-shape.npz", state)
+    files["wrong-array-shape"] = (folder / "wrong-shape.npz", "does not fit")
+    state = real_state(trained)
+    del state["optimizer"]
+    checkpoint.save(folder / "no-optimizer.npz", state)
+    files["missing-part"] = (folder / "no-optimizer.npz", "does not fit")
+    state = real_state(trained)
+    first = sorted(state["optimizer"]["state"]["0"])
+    slot = next(key for key in first if isinstance(state["optimizer"]["state"]["0"][key], np.ndarray))
+    state["optimizer"]["state"]["0"][slot] = np.zeros((7, 7), np.float32)
+    checkpoint.save(folder / "bad-optimizer.npz", state)
+    files["optimizer-shape"] = (folder / "bad-optimizer.npz", "does not fit")
+    return files
+
+
+FAULTS = ["missing", "truncated", "text", "foreign-npz", "pickled-npz", "pickle", "empty", "directory",
+          "config-does-not-fit", "wrong-array-shape", "missing-part", "optimizer-shape"]
+
+
+@pytest.fixture
+def faults(trained, tmp_path):
+    return fault_files(trained, tmp_path / "bad")
+
+
+@pytest.mark.parametrize("how", ["--resume", "--evaluate", "--decode"])
+@pytest.mark.parametrize("fault", FAULTS)
+def test_checkpoint_faults_exit_1_and_overwrite_nothing(trained, faults, tmp_path, fault, how):
+    path, problem = faults[fault]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / train.CHECKPOINT_NAME).write_bytes(trained["bytes"])  # an earlier run's checkpoint, which must survive
+    bad_folder_before = snapshot(tmp_path / "bad")
+    log = tmp_path / "log.jsonl"
+    svg = tmp_path / "attention.svg"
+    if how == "--resume":
+        argv = ["--resume", path, "--out", out, "--log", log]
+    elif how == "--evaluate":
+        argv = ["--checkpoint", path, "--evaluate"]
+    else:
+        argv = ["--checkpoint", path, "--decode", "1 2", "--svg", svg]
+    code, stdout, stderr = run_main(argv)
+    assert code == 1, (stdout, stderr)
+    line = error_line(stderr)
+    assert line.startswith("train.py: error: ")
+    assert str(path) in line
+    assert problem in line.lower()
+    assert snapshot(out) == {train.CHECKPOINT_NAME: trained["bytes"]}
+    assert snapshot(tmp_path / "bad") == bad_folder_before  # the bad file itself is left as it was
+    assert not log.exists() and not svg.exists()
+    assert trained["path"].read_bytes() == trained["bytes"]
+
+
+def test_checkpoint_errors_start_with_the_path(faults):
+    for fault in FAULTS:
+        path, problem = faults[fault]
+        if fault in ("config-does-not-fit", "wrong-array-shape", "missing-part", "optimizer-shape", "directory"):
+            continue  # these load fine (or are not files); train.py finds the problem when restoring
+        with pytest.raises(checkpoint.CheckpointError) as caught:
+            checkpoint.load(path)
+        assert str(caught.value).startswith(f"checkpoint {path}: "), fault
+        assert problem in str(caught.value), fault
+
+
+@pytest.mark.parametrize("flag, value, saved", [("--d-model", "16", "32"), ("--model", "gpt", "transformer"),
+                                                ("--task", "reverse", "copy"), ("--lr", "0.5", "0.01")])
+def test_resume_with_a_conflicting_flag_names_it(trained, tmp_path, flag, value, saved):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_main(["--resume", trained["path"], flag, value, "--out", out])
+    assert code == 1
+    line = error_line(stderr)
+    assert str(trained["path"]) in line
+    assert f"trained with {flag} {saved}, not {value}" in line
+    assert not out.exists()
+    assert trained["path"].read_bytes() == trained["bytes"]
+
+
+def test_resume_may_change_run_settings(trained, tmp_path):
+    """--steps, --out, --log, --eval-every and the like are the run's, not the model's: a resume may change them."""
+    step = checkpoint.load(trained["path"])["step"]
+    out = tmp_path / "more"
+    code, stdout, stderr = run_main(["--resume", trained["path"], "--steps", step + 10, "--eval-every", "5",
+                                     "--out", out, "--log", tmp_path / "log.jsonl", "--target-accuracy", "1.0"])
+    assert code == 0, stderr
+    assert [entry["step"] for entry in read_log(tmp_path / "log.jsonl")] == [step + 5]  # stopped: already at target
+    assert checkpoint.load(out / train.CHECKPOINT_NAME)["step"] == step + 5
+    assert trained["path"].read_bytes() == trained["bytes"]  # the resumed run wrote to --out, not over its source
+
+
+# --- 6. a non-finite loss stops training -----------------------------------------------------------
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    saved = []
+    real_save = checkpoint.save
+
+    def recording_save(path, state):
+        real_save(path, state)
+        saved.append((state["step"], Path(path).read_bytes()))
+
+    monkeypatch.setattr(checkpoint, "save", recording_save)
+    out = tmp_path / "out"
+    with np.errstate(all="ignore"):
+        code, stdout, stderr = run_main([*TINY, "--warmup", "0", "--lr", "1e30", "--steps", "20", "--eval-every", "1",
+                                         "--out", out, "--log", tmp_path / "log.jsonl"])
+    assert code == 1
+    match = re.search(r"error: the loss became (nan|inf|-inf) at step (\d+); stopping \(the last good checkpoint is (.+) "
+                      r"\(step (\d+)\)\)", stderr)
+    assert match, stderr
+    bad_step, kept_step = int(match.group(2)), int(match.group(4))
+    assert match.group(3) == str(out / train.CHECKPOINT_NAME)
+    assert kept_step == bad_step - 1 and [step for step, _ in saved] == list(range(1, bad_step))
+    assert (out / train.CHECKPOINT_NAME).read_bytes() == saved[-1][1]  # the earlier eval's checkpoint, untouched
+    assert checkpoint.load(out / train.CHECKPOINT_NAME)["step"] == kept_step
+    assert [entry["step"] for entry in read_log(tmp_path / "log.jsonl")] == list(range(1, bad_step))
+    assert "held-out (" not in stdout  # no final summary after a failure
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
+    with np.errstate(all="ignore"):
+        code, stdout, stderr = run_main([*TINY, "--warmup", "0", "--lr", "1e30", "--steps", "20", "--eval-every", "10",
+                                         "--out", tmp_path / "out"])
+    assert code == 1
+    assert re.search(r"the loss became (nan|inf|-inf) at step 2; stopping \(no checkpoint was saved\)", stderr), stderr
+    assert not (tmp_path / "out" / train.CHECKPOINT_NAME).exists()
+
+
+def test_the_checkpoint_called_last_good_has_finite_weights(tmp_path):
+    """With --lr 1e38 the first update already makes every weight NaN; the loss check only sees it one step later,
+    after the step-1 evaluation saved those weights, and the message then calls that checkpoint 'the last good' one."""
+    out = tmp_path / "out"
+    with np.errstate(all="ignore"):
+        code, _, stderr = run_main([*TINY, "--warmup", "0", "--lr", "1e38", "--steps", "20", "--eval-every", "1",
+                                    "--out", out])
+    assert code == 1
+    if "last good checkpoint" in stderr:
+        state = checkpoint.load(out / train.CHECKPOINT_NAME)
+        bad = [name for name, value in state["model"].items() if not np.isfinite(value).all()]
+        assert not bad, f"the 'last good' checkpoint (step {state['step']}) has non-finite weights in {len(bad)} arrays"
+
+
+# --- 7. Ctrl-C -------------------------------------------------------------------------------------
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "train.py", *TINY, "--warmup", "5", "--lr", "3e-3", "--steps", "100000",
+                                "--eval-every", "10", "--target-accuracy", "1.0", "--out", out],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        seen = []
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if re.search(r"step\s+10\s+loss", line):
+                break
+        assert any(re.search(r"step\s+10\s+loss", line) for line in seen), "".join(seen)
+        process.send_signal(signal.SIGINT)
+        rest, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == train.INTERRUPTED_EXIT, stderr
+    path = out / train.CHECKPOINT_NAME
+    assert path.is_file()
+    assert "--resume" in stderr and str(path) in stderr
+    assert "Traceback" not in stderr
+    interrupted = int(re.search(r"interrupted at step (\d+)", stderr).group(1))
+    assert interrupted >= 10
+    assert checkpoint.load(path)["step"] == interrupted
+
+    code, stdout, stderr = run_main(["--resume", path, "--steps", interrupted + 15, "--eval-every", "10",
+                                     "--log", tmp_path / "log.jsonl"])
+    assert code == 0, stderr
+    final = checkpoint.load(path)
+    assert interrupted < final["step"] <= interrupted + 15
+    assert re.search(rf"^steps {final['step']}, wall time", stdout, re.M)
+
+
+# --- 8. decode and the log -------------------------------------------------------------------------
+
+def test_decode_prints_the_answer_a_heatmap_and_writes_an_svg(trained, tmp_path):
+    svg = tmp_path / "pictures" / "attention.svg"
+    svg.parent.mkdir()
+    code, stdout, stderr = run_main(["--checkpoint", trained["path"], "--decode", "3 1 0 2", "--svg", svg])
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert lines[0] == "3 1 0 2 -> 3 1 0 2  ✓ (copy)"
+    headings = [line for line in lines if line.startswith("cross-attention, layer")]
+    assert headings == ["cross-attention, layer 1, head 1 (rows: outputs, columns: inputs)",
+                        "cross-attention, layer 1, head 2 (rows: outputs, columns: inputs)"]
+    assert any(shade in stdout for shade in "░▒▓█")
+    assert f"wrote {svg}" in stdout
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg")
+    rects = [element for element in root.iter() if element.tag.split("}")[-1] == "rect"]
+    assert len(rects) >= 2 * 5 * 4  # two heads, five output rows (four symbols and EOS), four input columns
+    assert trained["path"].read_bytes() == trained["bytes"]
+
+
+def test_decode_marks_a_wrong_answer_with_the_expected_one(trained, tmp_path):
+    """An untrained model's decode is wrong; the line shows ✗ and what was expected."""
+    out = tmp_path / "untrained"
+    assert run_main([*TINY, "--steps", "2", "--warmup", "0", "--eval-every", "1", "--stop-at", "1", "--out", out])[0] == 0
+    code, stdout, stderr = run_main(["--checkpoint", out / train.CHECKPOINT_NAME, "--decode", "3 1 0 2",
+                                     "--svg", tmp_path / "a.svg"])
+    assert code == 0, stderr
+    first = stdout.splitlines()[0]
+    assert re.fullmatch(r"3 1 0 2 -> .*  ✗ expected 3 1 0 2 \(copy\)", first), first
+    ET.parse(tmp_path / "a.svg")
+
+
+def test_decode_with_the_gpt_model(tmp_path):
+    out = tmp_path / "gpt"
+    assert run_main([*TINY, "--model", "gpt", "--steps", "2", "--warmup", "0", "--eval-every", "1", "--stop-at", "1",
+                     "--out", out])[0] == 0
+    svg = tmp_path / "gpt.svg"
+    code, stdout, stderr = run_main(["--checkpoint", out / train.CHECKPOINT_NAME, "--decode", "0 1 2", "--svg", svg])
+    assert code == 0, stderr
+    assert re.match(r"0 1 2 -> .*[✓✗]", stdout.splitlines()[0])
+    assert "attention on the source, layer 1, head 2" in stdout
+    assert any(element.tag.split("}")[-1] == "rect" for element in ET.parse(svg).getroot().iter())
+
+
+def test_log_has_one_json_line_per_evaluation(trained):
+    log = read_log(trained["log"])
+    summary_steps = int(re.search(r"^steps (\d+),", trained["stdout"], re.M).group(1))
+    assert [entry["step"] for entry in log] == list(range(50, summary_steps + 1, 50))
+    evals = re.findall(r"step\s+(\d+)\s+loss ([0-9.]+)\s+held-out exact-match ([0-9.]+)", trained["stdout"])
+    assert [int(step) for step, _, _ in evals] == [entry["step"] for entry in log]
+    for entry, (_, loss, exact) in zip(log, evals):
+        assert set(entry) == LOG_KEYS
+        assert all(isinstance(entry[key], (int, float)) for key in LOG_KEYS)
+        assert f"{entry['loss']:.4f}" == loss and f"{entry['exact_match']:.3f}" == exact
+        assert 0.0 <= entry["token_accuracy"] <= 1.0 and entry["exact_match"] <= entry["token_accuracy"] + 1e-12
+        assert entry["lr"] > 0 and entry["elapsed"] >= 0
+    assert [entry["elapsed"] for entry in log] == sorted(entry["elapsed"] for entry in log)
+
+
+def test_a_fresh_run_overwrites_its_log_and_a_resumed_one_appends(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 999}\n')
+    flags = [*TINY, "--steps", "20", "--eval-every", "10", "--warmup", "5", "--out", tmp_path / "out", "--log", log]
+    assert run_main([*flags, "--stop-at", "10"])[0] == 0
+    assert [entry["step"] for entry in read_log(log)] == [10]
+    assert run_main(["--resume", tmp_path / "out" / train.CHECKPOINT_NAME, "--log", log])[0] == 0
+    assert [entry["step"] for entry in read_log(log)] == [10, 20]

@@ -1,0 +1,75 @@
+"""Pictures: DOT graphs that parse as digraphs, heatmaps, well-formed SVG."""
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ElementTree
+
+import numpy as np
+import pytest
+
+import tinyattn as ta
+from tinyattn import nn
+from tinyattn.viz import attention_svg, heatmap_text, to_dot
+
+NODE = re.compile(r'^\s*(t|f)\d+ \[[^\]]*label="[^"]*"[^\]]*\];$')
+EDGE = re.compile(r"^\s*([tf]\d+) -> ([tf]\d+);$")
+
+
+def parse_digraph(text):
+    """A minimal DOT reader for what to_dot writes: returns (nodes, edges) or raises AssertionError."""
+    lines = text.strip().splitlines()
+    assert lines[0] == "digraph tinyattn {" and lines[-1] == "}"
+    nodes, edges = set(), []
+    for line in lines[1:-1]:
+        if NODE.match(line):
+            nodes.add(line.split()[0])
+        elif EDGE.match(line):
+            edges.append(EDGE.match(line).groups())
+        else:
+            assert re.match(r"^\s*(rankdir=|node \[)", line), f"not a DOT statement: {line!r}"
+    assert all(a in nodes and b in nodes for a, b in edges)
+    return nodes, edges
+
+
+def test_to_dot_draws_ops_tensors_and_parameter_names():
+    layer = nn.Linear(3, 2, generator=ta.Generator(0))
+    x = ta.tensor([[1.0, 2.0, 3.0]])
+    loss = (layer(x).tanh() * 2.0).sum()
+    text = to_dot(loss, names={p: n for n, p in layer.named_parameters()})
+    nodes, edges = parse_digraph(text)
+    assert sum(n.startswith("f") for n in nodes) == 4  # Linear, Tanh, Mul, Sum
+    for op in ("Linear", "Tanh", "Mul", "Sum"):
+        assert f'label="{op}"' in text
+    assert 'label="weight\\n2x3"' in text and "fillcolor" in text
+    assert len(edges) == 4 + 7  # each op to its output; inputs: Linear 3, Tanh 1, Mul 2 (the 2.0 too), Sum 1
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'dot' is not installed")
+def test_graphviz_accepts_the_dot_text():
+    x = ta.tensor([1.0, 2.0], requires_grad=True)
+    result = subprocess.run(["dot", "-Tsvg"], input=to_dot((x * x).sum()), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_to_dot_after_backward_says_to_retain_the_graph():
+    x = ta.tensor([1.0, 2.0], requires_grad=True)
+    y = (x.exp() * 2.0).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        to_dot(y)
+
+
+def test_heatmap_shades_follow_the_weights():
+    text = heatmap_text(np.array([[0.0, 1.0], [0.5, 0.5]]), ["a", "b"], ["x", "y"])
+    lines = text.splitlines()
+    assert lines[1] == "a   ██" and lines[2] == "b ████"
+
+
+def test_attention_svg_is_well_formed_with_one_rect_per_cell():
+    maps = np.random.default_rng(0).random((2, 3, 4, 5))
+    svg = attention_svg(maps, ["a", "b", "<eos>", "d"], list("vwxyz"))
+    root = ElementTree.fromstring(svg)
+    rects = root.findall("{http://www.w3.org/2000/svg}rect")
+    assert len(rects) == 2 * 3 * 4 * 5
+    assert "&lt;eos&gt;" in svg
+    assert float(rects[0].get("fill-opacity")) == pytest.approx(maps[0, 0, 0, 0], abs=1e-3)
