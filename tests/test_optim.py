@@ -344,3 +344,24 @@ def test_schedule_state_dict_resumes_exactly(make):
 def test_schedule_bad_arguments_are_named(make, message):
     with pytest.raises(ValueError, match=message):
         make(optim.SGD([param()], lr=0.1))
+
+
+@pytest.mark.parametrize("make", [lambda ps: optim.Adam(ps, lr=0.01, weight_decay=0.1), lambda ps: optim.AdamW(ps, lr=0.01)],
+                         ids=["adam", "adamw"])
+def test_flat_group_update_equals_per_parameter_update(make):
+    rng = np.random.default_rng(3)
+    shapes = [(3, 4), (4,), (2, 2, 2)]
+    values = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    flat_params = [ta.tensor(v.copy(), requires_grad=True) for v in values]
+    single_params = [ta.tensor(v.copy(), requires_grad=True) for v in values]
+    idle = ta.tensor(np.zeros(2, dtype=np.float32), requires_grad=True)  # never has a grad: forces the per-parameter path
+    flat, single = make(flat_params), make(single_params + [idle])
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        for p, q, g in zip(flat_params, single_params, grads):
+            p.grad, q.grad = ta.tensor(g), ta.tensor(g.copy())
+        flat.step()
+        single.step()
+    for p, q in zip(flat_params, single_params):
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+    assert flat.state[0]["exp_avg"].base is not None  # the moments are views of the group's flat buffer

@@ -5,6 +5,7 @@ so one code path serves both devices. CuPy is imported only when a CUDA tensor i
 first asked for, so `import tinyattn` never touches a GPU.
 """
 import os
+import time
 
 import numpy
 
@@ -91,6 +92,24 @@ def array_module(array):
 
 def device_of(array):
     return "cpu" if isinstance(array, numpy.ndarray) else "cuda"
+
+
+_gemm_observer = None  # set by tinyattn.profiler to time every matrix product
+
+
+def set_gemm_observer(observer):
+    global _gemm_observer
+    _gemm_observer = observer
+
+
+def matmul(a, b):
+    """a @ b: every op's matrix products go through here, so the profiler can time BLAS."""
+    if _gemm_observer is None:
+        return a @ b
+    start = time.perf_counter()
+    result = a @ b
+    _gemm_observer(a, b, time.perf_counter() - start)
+    return result
 
 
 def ensure_array(value):

@@ -17,6 +17,16 @@ import weakref
 from . import backend
 
 _grad_mode = threading.local()
+_profile = None  # a profiler.Profile while tinyattn.profiler is on
+
+
+def set_profile(profile):
+    global _profile
+    _profile = profile
+
+
+def current_profile():
+    return _profile
 
 
 def is_grad_enabled():
@@ -83,7 +93,10 @@ class Function:
         function = cls()
         function.xp = backend.array_module(arrays[0])
         try:
-            result = function.forward(*arrays, **options)
+            if _profile is None:
+                result = function.forward(*arrays, **options)
+            else:
+                result = _profile.timed(_profile.forward, cls.__name__, function.forward, *arrays, **options)
         except (ValueError, IndexError) as error:
             shapes = " and ".join(str(a.shape) for a in arrays)
             raise type(error)(f"{cls.__name__} on shapes {shapes}: {error}") from None
@@ -296,7 +309,10 @@ def backpropagate(root, root_grad, retain_graph, create_graph, inputs=None):
             if grad is not None:
                 if output._retains_grad or wanted is not None:
                     deliver(output, grad)
-                input_grads = function.backward(grad)
+                if _profile is None:
+                    input_grads = function.backward(grad)
+                else:
+                    input_grads = _profile.timed(_profile.backward, type(function).__name__, function.backward, grad)
                 if not isinstance(input_grads, tuple):
                     input_grads = (input_grads,)
                 for tensor, input_grad in zip(function.inputs, input_grads):

@@ -13,6 +13,7 @@ over B*T rows than as B small GEMMs.
 """
 import math
 
+from .backend import matmul
 from .engine import Function, is_grad_enabled
 from .ops import constant
 
@@ -28,12 +29,12 @@ def refuse_create_graph(name, twin):
 def row_sum(xp, a):
     """Sum over the last axis, keepdims, as a matrix-vector product."""
     n = a.shape[-1]
-    return (a.reshape(-1, n) @ xp.ones(n, dtype=a.dtype)).reshape(a.shape[:-1] + (1,))
+    return matmul(a.reshape(-1, n), xp.ones(n, dtype=a.dtype)).reshape(a.shape[:-1] + (1,))
 
 
 def column_sum(xp, a2):
     """Sum of the rows of a 2-D array, as a vector-matrix product."""
-    return xp.ones(a2.shape[0], dtype=a2.dtype) @ a2
+    return matmul(xp.ones(a2.shape[0], dtype=a2.dtype), a2)
 
 
 def row_max(xp, a2):
@@ -53,7 +54,7 @@ def additive_mask(xp, allowed, dtype):
 
 
 def _scores(q, k_t, mask_bias, scale):
-    scores = q @ k_t
+    scores = matmul(q, k_t)
     scores *= scale
     if mask_bias is not None:
         scores += mask_bias
@@ -79,7 +80,7 @@ def attention_forward(xp, q, k_t, v, mask_bias, keep_scale):
     else:
         weights /= sums
     attended = weights * keep_scale if keep_scale is not None else weights
-    return attended @ v, weights, attended
+    return matmul(attended, v), weights, attended
 
 
 def _attention_weights_per_row(xp, q, k_t, mask_bias, scale):
@@ -96,16 +97,16 @@ def _attention_weights_per_row(xp, q, k_t, mask_bias, scale):
 def attention_backward(xp, grad_out, q, k_t, v, weights, attended, keep_scale):
     """Gradients (q, k, v) of attention_forward's output; k's gradient comes as (..., S, d)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    grad_v = attended.swapaxes(-1, -2) @ grad_out
-    grad_scores = grad_out @ v.swapaxes(-1, -2)  # first the gradient of the (dropped-out) weights
+    grad_v = matmul(attended.swapaxes(-1, -2), grad_out)
+    grad_scores = matmul(grad_out, v.swapaxes(-1, -2))  # first the gradient of the (dropped-out) weights
     if keep_scale is not None:
         grad_scores *= keep_scale
     # softmax backward: dS = P * (dP - rowsum(dP * P)); masked entries have P = 0.
     grad_scores -= row_sum(xp, grad_scores * weights)
     grad_scores *= weights
     grad_scores *= scale
-    grad_q = grad_scores @ k_t.swapaxes(-1, -2)
-    grad_k = grad_scores.swapaxes(-1, -2) @ q
+    grad_q = matmul(grad_scores, k_t.swapaxes(-1, -2))
+    grad_k = matmul(grad_scores.swapaxes(-1, -2), q)
     return grad_q, grad_k, grad_v
 
 
@@ -159,14 +160,14 @@ class FusedMultiHeadAttention(Function):
         x2, c2 = x.reshape(-1, d_model), context.reshape(-1, d_model)
         if self.cross:
             self.w_in = (wq, xp.concatenate([wk, wv]))
-            q2 = x2 @ wq.T
+            q2 = matmul(x2, wq.T)
             q2 += bq
-            kv2 = c2 @ self.w_in[1].T
+            kv2 = matmul(c2, self.w_in[1].T)
             kv2 += xp.concatenate([bk, bv])
             k2, v2 = kv2[:, :d_model], kv2[:, d_model:]
         else:
             self.w_in = (xp.concatenate([wq, wk, wv]),)
-            qkv2 = x2 @ self.w_in[0].T
+            qkv2 = matmul(x2, self.w_in[0].T)
             qkv2 += xp.concatenate([bq, bk, bv])
             q2, k2, v2 = qkv2[:, :d_model], qkv2[:, d_model:2 * d_model], qkv2[:, 2 * d_model:]
         q = _split_heads(q2, batch, length, heads)
@@ -175,7 +176,7 @@ class FusedMultiHeadAttention(Function):
         mask_bias = additive_mask(xp, allowed, x.dtype)
         out, weights, attended = attention_forward(xp, q, k_t, v, mask_bias, keep_scale)
         merged = _merge_heads(out)
-        y = merged @ wo.T
+        y = matmul(merged, wo.T)
         y += bo
         if weights_sink is not None:
             weights_sink.append(weights)
@@ -187,20 +188,20 @@ class FusedMultiHeadAttention(Function):
         xp = self.xp
         x2, c2, q, k_t, v, weights, attended, merged, keep_scale, wo = self.saved
         g2 = grad.data.reshape(merged.shape)
-        grad_wo, grad_bo = g2.T @ merged, column_sum(xp, g2)
+        grad_wo, grad_bo = matmul(g2.T, merged), column_sum(xp, g2)
         batch, heads, length, _ = q.shape
-        grad_out = _split_heads(g2 @ wo, batch, length, heads)
+        grad_out = _split_heads(matmul(g2, wo), batch, length, heads)
         grad_q, grad_k, grad_v = (_merge_heads(g) for g in attention_backward(xp, grad_out, q, k_t, v, weights, attended, keep_scale))
         if self.cross:
             grad_kv = xp.concatenate([grad_k, grad_v], axis=1)
-            grad_x, grad_context = grad_q @ self.w_in[0], grad_kv @ self.w_in[1]
-            grad_w_in = xp.concatenate([grad_q.T @ x2, grad_kv.T @ c2])
+            grad_x, grad_context = matmul(grad_q, self.w_in[0]), matmul(grad_kv, self.w_in[1])
+            grad_w_in = xp.concatenate([matmul(grad_q.T, x2), matmul(grad_kv.T, c2)])
             grad_b_in = xp.concatenate([column_sum(xp, grad_q), column_sum(xp, grad_kv)])
             leading = (grad_x, grad_context)
         else:
             grad_qkv = xp.concatenate([grad_q, grad_k, grad_v], axis=1)
-            grad_x = grad_qkv @ self.w_in[0]
-            grad_w_in, grad_b_in = grad_qkv.T @ x2, column_sum(xp, grad_qkv)
+            grad_x = matmul(grad_qkv, self.w_in[0])
+            grad_w_in, grad_b_in = matmul(grad_qkv.T, x2), column_sum(xp, grad_qkv)
             leading = (grad_x,)
         d_model = merged.shape[1]
         weight_grads = []

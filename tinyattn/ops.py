@@ -135,8 +135,8 @@ class MatMul(Function):
             raise ValueError(f"the contracted dimensions differ ({a.shape[-1]} != {inner_b})")
         if a.ndim > 2 and b.ndim == 2:
             # One large GEMM over all rows; NumPy would run one small GEMM per batch entry.
-            return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
-        return a @ b
+            return backend.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+        return backend.matmul(a, b)
 
     def backward(self, grad):
         a, b = self.inputs

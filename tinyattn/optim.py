@@ -6,7 +6,7 @@ NumPy and CuPy treat as weak scalars, so a float32 parameter and its state stay 
 """
 import math
 
-from . import backend
+from . import backend, profiler
 from .engine import Tensor
 
 
@@ -69,6 +69,10 @@ class Optimizer:
     def step(self):
         """Update every parameter that has a gradient; those whose grad is None are left alone."""
         self.step_count += 1
+        with profiler.region(f"{type(self).__name__}.step"):
+            self._update_all()
+
+    def _update_all(self):
         for param, state in zip(self.params, self.state):
             if param.grad is not None:
                 self._update(param, param.grad.data, state)
@@ -97,7 +101,12 @@ class Optimizer:
         self.lr = state_dict["lr"]
         for name in self.hyperparameter_names:
             setattr(self, name, state_dict[name])
-        self.state = restored
+        for state, values in zip(self.state, restored):
+            for name, value in values.items():
+                if backend.is_array(value) and name in state:
+                    state[name][...] = value  # in place: the state arrays may be views of one flat buffer
+                else:
+                    state[name] = value
 
     def _restored_state(self, index, param, saved):
         state = {}
@@ -106,7 +115,7 @@ class Optimizer:
                 if value.shape != param.shape:
                     raise ValueError(f"{type(self).__name__}.load_state_dict: {name!r} of parameter {index} has shape {value.shape}, "
                                      f"the parameter has shape {param.shape}")
-                value = backend.as_array(value, param.dtype, param.device).copy()
+                value = backend.as_array(value, param.dtype, param.device)
             state[name] = value
         return state
 
@@ -138,7 +147,14 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam with bias-corrected moments; weight decay is L2, added to the gradient (PyTorch's Adam)."""
+    """Adam with bias-corrected moments; weight decay is L2, added to the gradient (PyTorch's Adam).
+
+    The moments of all parameters of one device and dtype live in one flat buffer each,
+    so a step is a dozen operations on long arrays rather than a dozen per parameter;
+    each parameter's state holds views of its part. Parameters whose gradients are all
+    present and whose step counts agree are updated together this way; otherwise each
+    is updated on its own, by the same arithmetic.
+    """
 
     hyperparameter_names = ("betas", "eps", "weight_decay")
 
@@ -148,32 +164,80 @@ class Adam(Optimizer):
         self.eps = _check_non_negative("eps", eps)
         self.weight_decay = _check_non_negative("weight_decay", weight_decay)
         super().__init__(params, lr)
+        self.groups = self._flat_groups()
 
     def _initial_state(self, param):
         # Each parameter counts its own steps, as in PyTorch, so one that first gets a
         # gradient late still has its moments bias-corrected from their true start.
         return {"step": 0, "exp_avg": param.xp.zeros_like(param.data), "exp_avg_sq": param.xp.zeros_like(param.data)}
 
-    def _apply_weight_decay(self, param, grad):
-        return grad + self.weight_decay * param.data
+    def _flat_groups(self):
+        """Parameter indices grouped by (device, dtype), each group's moments moved into two flat buffers."""
+        members = {}
+        for index, param in enumerate(self.params):
+            members.setdefault((param.device, param.dtype), []).append(index)
+        groups = []
+        for indices in members.values():
+            xp = self.params[indices[0]].xp
+            total = sum(self.params[i].size for i in indices)
+            flat = {name: xp.zeros(total, dtype=self.params[indices[0]].dtype) for name in ("exp_avg", "exp_avg_sq")}
+            offset = 0
+            for i in indices:
+                size, shape = self.params[i].size, self.params[i].shape
+                for name, buffer in flat.items():
+                    self.state[i][name] = buffer[offset:offset + size].reshape(shape)
+                offset += size
+            groups.append((indices, flat))
+        return groups
 
-    def _update(self, param, grad, state):
-        if self.weight_decay:
-            grad = self._apply_weight_decay(param, grad)
+    def _decayed(self, params, grad):
+        """L2 weight decay: the gradient plus weight_decay times the parameters (flattened like grad)."""
+        xp = params[0].xp
+        values = params[0].data if len(params) == 1 else xp.concatenate([p.data.reshape(-1) for p in params])
+        return grad + self.weight_decay * values.reshape(grad.shape)
+
+    def _step_size_and_update(self, grad, exp_avg, exp_avg_sq, step, xp):
         beta1, beta2 = self.betas
-        state["step"] += 1
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg *= beta1
         exp_avg += (1.0 - beta1) * grad
         exp_avg_sq *= beta2
         exp_avg_sq += (1.0 - beta2) * (grad * grad)
         # Same arrangement as PyTorch: lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), which
         # equals lr * m_hat / (sqrt(v_hat) + eps) without making m_hat or v_hat.
-        step_size = self.lr / (1.0 - beta1 ** state["step"])
-        denominator = param.xp.sqrt(exp_avg_sq)
-        denominator /= math.sqrt(1.0 - beta2 ** state["step"])
+        denominator = xp.sqrt(exp_avg_sq)
+        denominator /= math.sqrt(1.0 - beta2 ** step)
         denominator += self.eps
-        param.data -= step_size * exp_avg / denominator
+        update = (self.lr / (1.0 - beta1 ** step)) * exp_avg
+        update /= denominator
+        return update
+
+    def _update(self, param, grad, state):
+        if self.weight_decay:
+            grad = self._decayed([param], grad)
+        state["step"] += 1
+        param.data -= self._step_size_and_update(grad, state["exp_avg"], state["exp_avg_sq"], state["step"], param.xp)
+
+    def _update_all(self):
+        for indices, flat in self.groups:
+            params = [self.params[i] for i in indices]
+            steps = {self.state[i]["step"] for i in indices}
+            if any(p.grad is None for p in params) or len(steps) > 1:
+                for p, i in zip(params, indices):
+                    if p.grad is not None:
+                        self._update(p, p.grad.data, self.state[i])
+                continue
+            xp = params[0].xp
+            grad = xp.concatenate([p.grad.data.reshape(-1) for p in params])
+            if self.weight_decay:
+                grad = self._decayed(params, grad)
+            step = steps.pop() + 1
+            for i in indices:
+                self.state[i]["step"] = step
+            update = self._step_size_and_update(grad, flat["exp_avg"], flat["exp_avg_sq"], step, xp)
+            offset = 0
+            for p in params:
+                p.data -= update[offset:offset + p.size].reshape(p.shape)
+                offset += p.size
 
 
 class AdamW(Adam):
@@ -182,8 +246,9 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params, lr, betas, eps, weight_decay)
 
-    def _apply_weight_decay(self, param, grad):
-        param.data *= 1.0 - self.lr * self.weight_decay
+    def _decayed(self, params, grad):
+        for param in params:
+            param.data *= 1.0 - self.lr * self.weight_decay
         return grad
 
 
