@@ -130,3 +130,27 @@ def test_attention_rows_far_below_the_block_maximum_fall_back_to_per_row_softmax
                        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, fused=False), [q, k, v], (1, 1, 3, 4))
     out = F.scaled_dot_product_attention(q, k, v, return_weights=True)[1].numpy()
     np.testing.assert_allclose(out.sum(axis=-1), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_fused_feed_forward_equals_composed(dropout):
+    fused, composed = (nn.FeedForward(6, 10, dropout=dropout, generator=ta.Generator(4), dtype=ta.float64, fused=flag)
+                       for flag in (True, False))
+    x = randn(2, 3, 6)
+    upstream = RNG.standard_normal((2, 3, 6))
+    results = []
+    for layer in (fused, composed):
+        out = layer(x)
+        results.append([out.numpy()] + [g.numpy() for g in ta.grad(out, [x] + layer.parameters(), grad_outputs=upstream)])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    if dropout == 0.0:  # with dropout every call draws a new mask, so finite differences would not see one function
+        assert ta.gradcheck(lambda x, *ps: fused(x), [x, *fused.parameters()])
+
+
+def test_a_layer_built_with_fused_false_differentiates_twice():
+    layer = nn.EncoderLayer(8, 2, 12, generator=ta.Generator(5), dtype=ta.float64, fused=False)
+    x = randn(1, 3, 8)
+    assert ta.gradgradcheck(lambda x: layer(x)[0], [x], fast=True)
+    fused_layer = nn.EncoderLayer(8, 2, 12, generator=ta.Generator(5), dtype=ta.float64)
+    np.testing.assert_allclose(fused_layer(x)[0].numpy(), layer(x)[0].numpy(), rtol=1e-12)

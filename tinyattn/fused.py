@@ -212,6 +212,40 @@ class FusedMultiHeadAttention(Function):
         return tuple(constant(g) for g in (*shaped, *weight_grads, grad_wo, grad_bo))
 
 
+class FusedFeedForward(Function):
+    """Linear, ReLU, (dropout,) Linear as one Function, the ReLU done in place.
+
+    Inputs x, W1, b1, W2, b2; keep_scale is the dropout mask (scaled by 1/(1-p)) or None.
+    Twin: nn.FeedForward(..., fused=False), which composes Linear, ReLU and Dropout.
+    """
+
+    def forward(self, x, w1, b1, w2, b2, keep_scale):
+        xp = self.xp
+        rows = x.reshape(-1, x.shape[-1])
+        hidden = matmul(rows, w1.T)
+        hidden += b1
+        xp.maximum(hidden, 0, out=hidden)
+        dropped = hidden * keep_scale.reshape(hidden.shape) if keep_scale is not None else hidden
+        out = matmul(dropped, w2.T)
+        out += b2
+        self.rows, self.hidden, self.dropped, self.keep_scale = rows, hidden, dropped, keep_scale
+        return out.reshape(x.shape[:-1] + (w2.shape[0],))
+
+    def backward(self, grad):
+        refuse_create_graph("fused feed-forward", "FeedForward(..., fused=False)")
+        xp = self.xp
+        x, w1, _, w2, _ = (t.data for t in self.inputs)
+        g2 = grad.data.reshape(-1, grad.shape[-1])
+        grad_w2, grad_b2 = matmul(g2.T, self.dropped), column_sum(xp, g2)
+        grad_hidden = matmul(g2, w2)
+        if self.keep_scale is not None:
+            grad_hidden *= self.keep_scale.reshape(grad_hidden.shape)
+        grad_hidden *= self.hidden > 0  # ReLU passes gradient only where its input was positive
+        grad_w1, grad_b1 = matmul(grad_hidden.T, self.rows), column_sum(xp, grad_hidden)
+        grad_x = matmul(grad_hidden, w1).reshape(x.shape)
+        return tuple(constant(g) for g in (grad_x, grad_w1, grad_b1, grad_w2, grad_b2))
+
+
 class FusedLayerNorm(Function):
     """LayerNorm over the last axis as one Function (twin: functional.layer_norm(..., fused=False))."""
 

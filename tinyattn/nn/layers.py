@@ -47,16 +47,16 @@ class Embedding(Module):
 
 
 class LayerNorm(Module):
-    def __init__(self, normalized_shape, eps=1e-5, device=None, dtype=backend.float32):
+    def __init__(self, normalized_shape, eps=1e-5, device=None, dtype=backend.float32, fused=True):
         super().__init__()
-        self.normalized_shape, self.eps = normalized_shape, eps
+        self.normalized_shape, self.eps, self.fused = normalized_shape, eps, fused
         self.weight = init.ones_(Parameter(empty_parameter_data((normalized_shape,), dtype, device)))
         self.bias = init.zeros_(Parameter(empty_parameter_data((normalized_shape,), dtype, device)))
 
     def forward(self, x):
         if x.shape[-1] != self.normalized_shape:
             raise ValueError(f"LayerNorm({self.normalized_shape}) got input of shape {x.shape}")
-        return F.layer_norm(x, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.weight, self.bias, self.eps, fused=self.fused)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}"

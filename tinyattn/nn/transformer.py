@@ -6,7 +6,8 @@ Every stack returns (output, weights); weights is None unless need_weights=True.
 """
 import math
 
-from .. import backend
+from .. import backend, functional as F
+from ..fused import FusedFeedForward
 from ..creation import default_generator, empty_parameter_data
 from ..engine import Tensor
 from .attention import MultiHeadAttention
@@ -53,9 +54,14 @@ class LearnedPositionalEncoding(Module):
 
 
 class FeedForward(Module):
-    """Position-wise two-layer network: Linear, activation, dropout, Linear."""
+    """Position-wise two-layer network: Linear, activation, dropout, Linear.
 
-    def __init__(self, d_model, d_ff, dropout=0.0, activation="relu", generator=None, device=None, dtype=backend.float32):
+    With ReLU and fused=True (the default) the whole block is one Function with the
+    ReLU done in place (first-order gradients only); fused=False composes the layers.
+    """
+
+    def __init__(self, d_model, d_ff, dropout=0.0, activation="relu", generator=None, device=None, dtype=backend.float32,
+                 fused=True):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
@@ -63,9 +69,16 @@ class FeedForward(Module):
         self.activation = ACTIVATIONS[activation]()
         self.dropout = Dropout(dropout, generator)
         self.linear2 = Linear(d_ff, d_model, generator=generator, device=device, dtype=dtype)
+        self.fused = fused and activation == "relu"
 
     def forward(self, x):
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        if not self.fused:
+            return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        active = self.dropout.training and self.dropout.p > 0
+        hidden_shape = x.shape[:-1] + (self.linear1.out_features,)
+        keep_scale = F.dropout_mask(hidden_shape, self.dropout.p, self.dropout.generator, x).data if active else None
+        return FusedFeedForward.apply(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                                      keep_scale=keep_scale)
 
 
 class EncoderLayer(Module):
@@ -76,10 +89,10 @@ class EncoderLayer(Module):
         super().__init__()
         generator = generator or default_generator()
         make = dict(generator=generator, device=device, dtype=dtype)
-        self.norm1 = LayerNorm(d_model, device=device, dtype=dtype)
+        self.norm1 = LayerNorm(d_model, device=device, dtype=dtype, fused=fused)
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, fused=fused, **make)
-        self.norm2 = LayerNorm(d_model, device=device, dtype=dtype)
-        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, **make)
+        self.norm2 = LayerNorm(d_model, device=device, dtype=dtype, fused=fused)
+        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, fused=fused, **make)
         self.dropout = Dropout(dropout, generator)
 
     def forward(self, x, mask=None, need_weights=False, causal=False, cache=None):
@@ -99,7 +112,7 @@ class DecoderLayer(EncoderLayer):
     def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="relu", generator=None, fused=True,
                  device=None, dtype=backend.float32):
         super().__init__(d_model, n_heads, d_ff, dropout, activation, generator, fused, device, dtype)
-        self.cross_norm = LayerNorm(d_model, device=device, dtype=dtype)
+        self.cross_norm = LayerNorm(d_model, device=device, dtype=dtype, fused=fused)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, fused=fused,
                                              generator=self.self_attn.generator, device=device, dtype=dtype)
 
@@ -125,7 +138,7 @@ class _Stack(Module):
         generator = generator or default_generator()
         self.layers = ModuleList(layer_class(d_model, n_heads, d_ff, dropout, activation, generator, fused, device, dtype)
                                  for _ in range(num_layers))
-        self.norm = LayerNorm(d_model, device=device, dtype=dtype)
+        self.norm = LayerNorm(d_model, device=device, dtype=dtype, fused=fused)
 
 
 class Encoder(_Stack):
