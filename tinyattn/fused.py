@@ -53,38 +53,37 @@ def additive_mask(xp, allowed, dtype):
     return None if allowed is None else xp.where(allowed, 0.0, MASKED_SCORE).astype(dtype)
 
 
-def _scores(q, k_t, mask_bias, scale):
-    scores = matmul(q, k_t)
-    scores *= scale
+def _scores(q_scaled, k_t, mask_bias):
+    scores = matmul(q_scaled, k_t)
     if mask_bias is not None:
         scores += mask_bias
     return scores
 
 
-def attention_forward(xp, q, k_t, v, mask_bias, keep_scale):
-    """softmax(q k^T * scale + mask_bias) v for q (..., T, d), k_t (..., d, S), v (..., S, dv).
+def attention_forward(xp, q_scaled, k_t, v, mask_bias, keep_scale):
+    """softmax(q_scaled k^T + mask_bias) v for q_scaled (..., T, d) already multiplied by
+    1/sqrt(d) (callers fold that into a copy they make anyway), k_t (..., d, S), v (..., S, dv).
 
     Returns (output, weights, attended), attended being the weights after dropout.
-    The softmax subtracts one maximum per (T, S) block, a cheap reduction; a row whose
-    terms underflow against it (far below the block's maximum, or fully masked) is
-    rare, and then all rows are recomputed with their own maxima.
+    The softmax subtracts the single largest score, not each row's, because a full
+    reduction is far cheaper than one per short row. A row whose terms underflow
+    against it (a row far below the rest, or a fully masked one) shows as a tiny row
+    sum; that is rare, and then every row is recomputed with its own maximum.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = _scores(q, k_t, mask_bias, scale)
-    lead, (t, s) = scores.shape[:-2], scores.shape[-2:]
-    scores -= scores.reshape(-1, t * s).max(axis=1).reshape(lead + (1, 1))
+    scores = _scores(q_scaled, k_t, mask_bias)
+    scores -= scores.max()
     weights = xp.exp(scores, out=scores)
     sums = row_sum(xp, weights)
     if bool((sums < UNDERFLOW_GUARD).any()):
-        weights = _attention_weights_per_row(xp, q, k_t, mask_bias, scale)
+        weights = _attention_weights_per_row(xp, q_scaled, k_t, mask_bias)
     else:
         weights /= sums
     attended = weights * keep_scale if keep_scale is not None else weights
     return matmul(attended, v), weights, attended
 
 
-def _attention_weights_per_row(xp, q, k_t, mask_bias, scale):
-    scores = _scores(q, k_t, mask_bias, scale)
+def _attention_weights_per_row(xp, q_scaled, k_t, mask_bias):
+    scores = _scores(q_scaled, k_t, mask_bias)
     scores -= scores.max(axis=-1, keepdims=True)
     weights = xp.exp(scores, out=scores)
     weights /= weights.sum(axis=-1, keepdims=True)
@@ -94,9 +93,8 @@ def _attention_weights_per_row(xp, q, k_t, mask_bias, scale):
     return weights
 
 
-def attention_backward(xp, grad_out, q, k_t, v, weights, attended, keep_scale):
-    """Gradients (q, k, v) of attention_forward's output; k's gradient comes as (..., S, d)."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
+def attention_backward(xp, grad_out, q_scaled, k_t, v, weights, attended, keep_scale):
+    """Gradients (q_scaled, k, v) of attention_forward's output; k's gradient comes as (..., S, d)."""
     grad_v = matmul(attended.swapaxes(-1, -2), grad_out)
     grad_scores = matmul(grad_out, v.swapaxes(-1, -2))  # first the gradient of the (dropped-out) weights
     if keep_scale is not None:
@@ -104,10 +102,13 @@ def attention_backward(xp, grad_out, q, k_t, v, weights, attended, keep_scale):
     # softmax backward: dS = P * (dP - rowsum(dP * P)); masked entries have P = 0.
     grad_scores -= row_sum(xp, grad_scores * weights)
     grad_scores *= weights
-    grad_scores *= scale
-    grad_q = matmul(grad_scores, k_t.swapaxes(-1, -2))
-    grad_k = matmul(grad_scores.swapaxes(-1, -2), q)
-    return grad_q, grad_k, grad_v
+    grad_q_scaled = matmul(grad_scores, k_t.swapaxes(-1, -2))
+    grad_k = matmul(grad_scores.swapaxes(-1, -2), q_scaled)
+    return grad_q_scaled, grad_k, grad_v
+
+
+def _inverse_sqrt_dim(q):
+    return 1.0 / math.sqrt(q.shape[-1])
 
 
 class FusedAttention(Function):
@@ -115,30 +116,46 @@ class FusedAttention(Function):
 
     def forward(self, q, k, v, allowed, keep_scale, weights_sink):
         mask_bias = additive_mask(self.xp, allowed, q.dtype)
+        self.scale = _inverse_sqrt_dim(q)
+        q_scaled = q * self.scale
         k_t = self.xp.ascontiguousarray(k.swapaxes(-1, -2))  # a contiguous K^T makes the batched GEMMs twice as fast
-        out, self.weights, self.attended = attention_forward(self.xp, q, k_t, v, mask_bias, keep_scale)
-        self.k_t, self.keep_scale = k_t, keep_scale
+        out, self.weights, self.attended = attention_forward(self.xp, q_scaled, k_t, v, mask_bias, keep_scale)
+        self.q_scaled, self.k_t, self.keep_scale = q_scaled, k_t, keep_scale
         if weights_sink is not None:  # a Function has one output; the weights leave through this list
             weights_sink.append(self.weights)
         return out
 
     def backward(self, grad):
         refuse_create_graph("fused attention", "scaled_dot_product_attention(..., fused=False)")
-        q, _, v = (t.data for t in self.inputs)
-        grads = attention_backward(self.xp, grad.data, q, self.k_t, v, self.weights, self.attended, self.keep_scale)
-        return tuple(constant(g) for g in grads)
+        v = self.inputs[2].data
+        grad_q_scaled, grad_k, grad_v = attention_backward(self.xp, grad.data, self.q_scaled, self.k_t, v, self.weights,
+                                                           self.attended, self.keep_scale)
+        grad_q_scaled *= self.scale
+        return constant(grad_q_scaled), constant(grad_k), constant(grad_v)
 
 
-def _split_heads(a2, batch, length, heads, key_major=False):
-    """(B*L, heads*d) rows -> (B, heads, L, d), or (B, heads, d, L) for keys, as contiguous arrays."""
+def _split_heads(xp, a2, batch, length, heads, key_major=False, scale=None):
+    """(B*L, heads*d) rows -> a new contiguous (B, heads, L, d), or (B, heads, d, L) for keys,
+    times `scale` when given (in the same pass as the copy)."""
     a = a2.reshape(batch, length, heads, -1)
-    return (a.transpose(0, 2, 3, 1) if key_major else a.transpose(0, 2, 1, 3)).copy()
+    view = a.transpose(0, 2, 3, 1) if key_major else a.transpose(0, 2, 1, 3)
+    out = xp.empty(view.shape, dtype=a2.dtype)
+    if scale is None:
+        out[...] = view
+    else:
+        xp.multiply(view, scale, out=out)
+    return out
 
 
-def _merge_heads(a):
-    """(B, heads, L, d) -> (B*L, heads*d)."""
+def _merge_heads_into(xp, a, destination, scale=None):
+    """Write (B, heads, L, d) into the (B*L, heads*d) rows of `destination` (a column slice is fine)."""
     batch, heads, length, dim = a.shape
-    return a.transpose(0, 2, 1, 3).reshape(batch * length, heads * dim)
+    target = destination.reshape(batch, length, heads, dim)
+    view = a.transpose(0, 2, 1, 3)
+    if scale is None:
+        target[...] = view
+    else:
+        xp.multiply(view, scale, out=target)
 
 
 class FusedMultiHeadAttention(Function):
@@ -146,7 +163,9 @@ class FusedMultiHeadAttention(Function):
 
     Inputs: x, then context for cross-attention, then Wq, bq, Wk, bk, Wv, bv, Wo, bo.
     Self-attention projects q, k and v in one GEMM with the stacked weights;
-    cross-attention projects k and v of the context in one GEMM.
+    cross-attention projects k and v of the context in one GEMM. Splitting into heads
+    copies once (and scales q by 1/sqrt(d) on the way); merging the gradients writes
+    straight into the stacked layout the weight gradients need.
     Twin: MultiHeadAttention(fused=False), which composes Linear layers and engine ops.
     """
 
@@ -170,40 +189,49 @@ class FusedMultiHeadAttention(Function):
             qkv2 = matmul(x2, self.w_in[0].T)
             qkv2 += xp.concatenate([bq, bk, bv])
             q2, k2, v2 = qkv2[:, :d_model], qkv2[:, d_model:2 * d_model], qkv2[:, 2 * d_model:]
-        q = _split_heads(q2, batch, length, heads)
-        k_t = _split_heads(k2, batch, source_length, heads, key_major=True)
-        v = _split_heads(v2, batch, source_length, heads)
+        self.scale = 1.0 / math.sqrt(d_model // heads)
+        q_scaled = _split_heads(xp, q2, batch, length, heads, scale=self.scale)
+        k_t = _split_heads(xp, k2, batch, source_length, heads, key_major=True)
+        v = _split_heads(xp, v2, batch, source_length, heads)
         mask_bias = additive_mask(xp, allowed, x.dtype)
-        out, weights, attended = attention_forward(xp, q, k_t, v, mask_bias, keep_scale)
-        merged = _merge_heads(out)
+        out, weights, attended = attention_forward(xp, q_scaled, k_t, v, mask_bias, keep_scale)
+        merged = xp.empty((batch * length, d_model), dtype=x.dtype)
+        _merge_heads_into(xp, out, merged)
         y = matmul(merged, wo.T)
         y += bo
         if weights_sink is not None:
             weights_sink.append(weights)
-        self.saved = (x2, c2, q, k_t, v, weights, attended, merged, keep_scale, wo)
+        self.saved = (x2, c2, q_scaled, k_t, v, weights, attended, merged, keep_scale, wo)
         return y.reshape(batch, length, d_model)
 
     def backward(self, grad):
         refuse_create_graph("fused multi-head attention", "MultiHeadAttention(..., fused=False)")
         xp = self.xp
-        x2, c2, q, k_t, v, weights, attended, merged, keep_scale, wo = self.saved
+        x2, c2, q_scaled, k_t, v, weights, attended, merged, keep_scale, wo = self.saved
         g2 = grad.data.reshape(merged.shape)
         grad_wo, grad_bo = matmul(g2.T, merged), column_sum(xp, g2)
-        batch, heads, length, _ = q.shape
-        grad_out = _split_heads(matmul(g2, wo), batch, length, heads)
-        grad_q, grad_k, grad_v = (_merge_heads(g) for g in attention_backward(xp, grad_out, q, k_t, v, weights, attended, keep_scale))
+        batch, heads, length, _ = q_scaled.shape
+        d_model = merged.shape[1]
+        grad_out = _split_heads(xp, matmul(g2, wo), batch, length, heads)
+        grad_q_scaled, grad_k, grad_v = attention_backward(xp, grad_out, q_scaled, k_t, v, weights, attended, keep_scale)
+        # Gradients of q, k and v land side by side, as the stacked projection produced them.
+        grad_q = xp.empty((x2.shape[0], d_model), dtype=x2.dtype)
+        grad_kv = xp.empty((c2.shape[0], 2 * d_model), dtype=x2.dtype)
+        grad_qkv = None if self.cross else xp.empty((x2.shape[0], 3 * d_model), dtype=x2.dtype)
+        if grad_qkv is not None:
+            grad_q, grad_kv = grad_qkv[:, :d_model], grad_qkv[:, d_model:]
+        _merge_heads_into(xp, grad_q_scaled, grad_q, scale=self.scale)
+        _merge_heads_into(xp, grad_k, grad_kv[:, :d_model])
+        _merge_heads_into(xp, grad_v, grad_kv[:, d_model:])
         if self.cross:
-            grad_kv = xp.concatenate([grad_k, grad_v], axis=1)
             grad_x, grad_context = matmul(grad_q, self.w_in[0]), matmul(grad_kv, self.w_in[1])
             grad_w_in = xp.concatenate([matmul(grad_q.T, x2), matmul(grad_kv.T, c2)])
             grad_b_in = xp.concatenate([column_sum(xp, grad_q), column_sum(xp, grad_kv)])
             leading = (grad_x, grad_context)
         else:
-            grad_qkv = xp.concatenate([grad_q, grad_k, grad_v], axis=1)
             grad_x = matmul(grad_qkv, self.w_in[0])
             grad_w_in, grad_b_in = matmul(grad_qkv.T, x2), column_sum(xp, grad_qkv)
             leading = (grad_x,)
-        d_model = merged.shape[1]
         weight_grads = []
         for part in range(3):
             rows = slice(part * d_model, (part + 1) * d_model)
@@ -247,34 +275,44 @@ class FusedFeedForward(Function):
 
 
 class FusedLayerNorm(Function):
-    """LayerNorm over the last axis as one Function (twin: functional.layer_norm(..., fused=False))."""
+    """LayerNorm over the last axis as one Function (twin: functional.layer_norm(..., fused=False)).
+
+    Every row statistic is a matrix-vector product (see row_sum), and the backward
+    takes the row sums of g*w and g*w*n as GEMVs with w, so that it makes only a few
+    full-size passes over the data.
+    """
 
     def forward(self, x, weight, bias, eps):
         xp = self.xp
-        inverse_d = 1.0 / x.shape[-1]
-        centered = x - row_sum(xp, x) * inverse_d
-        variance = row_sum(xp, centered * centered) * inverse_d
-        self.inverse_std = 1.0 / xp.sqrt(variance + eps)
+        dim = x.shape[-1]
+        rows = x.reshape(-1, dim)
+        ones_over_dim = xp.full(dim, 1.0 / dim, dtype=x.dtype)
+        centered = rows - matmul(rows, ones_over_dim)[:, None]
+        variance = matmul(centered * centered, ones_over_dim)
+        self.inverse_std = (1.0 / xp.sqrt(variance + eps))[:, None]
+        centered *= self.inverse_std
         self.normalized = centered
-        self.normalized *= self.inverse_std
-        out = self.normalized * weight
+        out = centered * weight
         out += bias
-        return out
+        return out.reshape(x.shape)
 
     def backward(self, grad):
         refuse_create_graph("fused layer norm", "layer_norm(..., fused=False)")
         xp = self.xp
-        g, weight, normalized = grad.data, self.inputs[1].data, self.normalized
+        weight, normalized = self.inputs[1].data, self.normalized
         dim = normalized.shape[-1]
-        g2, n2 = g.reshape(-1, dim), normalized.reshape(-1, dim)
-        grad_weight = column_sum(xp, g2 * n2)
-        grad_bias = column_sum(xp, g2)
-        grad_normalized = g * weight
-        # dx = rstd * (dn - mean(dn) - n * mean(dn * n)), with n the normalised input
-        correction = row_sum(xp, grad_normalized) + normalized * row_sum(xp, grad_normalized * normalized)
-        grad_normalized -= correction * (1.0 / dim)
-        grad_normalized *= self.inverse_std
-        return constant(grad_normalized), constant(grad_weight), constant(grad_bias)
+        g = grad.data.reshape(normalized.shape)
+        g_times_n = g * normalized
+        grad_weight, grad_bias = column_sum(xp, g_times_n), column_sum(xp, g)
+        # dx = rstd * (g*w - mean(g*w) - n * mean(g*w*n)); both means are GEMVs with w.
+        mean_gw = matmul(g, weight * (1.0 / dim))[:, None]
+        mean_gwn = matmul(g_times_n, weight * (1.0 / dim))[:, None]
+        grad_x = g * weight
+        grad_x -= mean_gw
+        xp.multiply(normalized, mean_gwn, out=g_times_n)
+        grad_x -= g_times_n
+        grad_x *= self.inverse_std
+        return constant(grad_x.reshape(grad.shape)), constant(grad_weight), constant(grad_bias)
 
 
 class FusedCrossEntropyRows(Function):
