@@ -154,3 +154,30 @@ def test_a_layer_built_with_fused_false_differentiates_twice():
     assert ta.gradgradcheck(lambda x: layer(x)[0], [x], fast=True)
     fused_layer = nn.EncoderLayer(8, 2, 12, generator=ta.Generator(5), dtype=ta.float64)
     np.testing.assert_allclose(fused_layer(x)[0].numpy(), layer(x)[0].numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_residual_added_inside_the_fused_attention_block(cross):
+    fused, composed = twin_attention_layers()
+    x, context, skip = randn(2, 4, 8), randn(2, 5, 8), randn(2, 4, 8)
+
+    def run(layer):
+        return lambda x, context, skip, *params: layer(x, context=context if cross else None, residual=skip)[0]
+
+    upstream = RNG.standard_normal((2, 4, 8))
+    results = []
+    for layer in (fused, composed):
+        out = run(layer)(x, context, skip)
+        grads = ta.grad(out, [x, context, skip], grad_outputs=upstream, allow_unused=True)
+        results.append([out.numpy()] + [g.numpy() for g in grads if g is not None])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(results[0][0], fused(x, context=context if cross else None)[0].numpy() + skip.numpy(), rtol=1e-12)
+    assert ta.gradcheck(run(fused), [x, context, skip, *fused.parameters()], fast=True)
+
+
+def test_residual_added_inside_the_fused_feed_forward_block():
+    fused, composed = (nn.FeedForward(6, 10, generator=ta.Generator(4), dtype=ta.float64, fused=flag) for flag in (True, False))
+    x, skip = randn(2, 3, 6), randn(2, 3, 6)
+    np.testing.assert_allclose(fused(x, residual=skip).numpy(), composed(x).numpy() + skip.numpy(), rtol=1e-12)
+    assert ta.gradcheck(lambda x, skip, *ps: fused(x, residual=skip), [x, skip, *fused.parameters()])

@@ -96,13 +96,14 @@ def _attention_weights_per_row(xp, q_scaled, k_t, mask_bias):
 def attention_backward(xp, grad_out, q_scaled, k_t, v, weights, attended, keep_scale):
     """Gradients (q_scaled, k, v) of attention_forward's output; k's gradient comes as (..., S, d)."""
     grad_v = matmul(attended.swapaxes(-1, -2), grad_out)
-    grad_scores = matmul(grad_out, v.swapaxes(-1, -2))  # first the gradient of the (dropped-out) weights
+    # NumPy's batched matmul is slow when its right operand is a transposed view: copy those first.
+    grad_scores = matmul(grad_out, xp.ascontiguousarray(v.swapaxes(-1, -2)))  # first the gradient of the (dropped-out) weights
     if keep_scale is not None:
         grad_scores *= keep_scale
     # softmax backward: dS = P * (dP - rowsum(dP * P)); masked entries have P = 0.
     grad_scores -= row_sum(xp, grad_scores * weights)
     grad_scores *= weights
-    grad_q_scaled = matmul(grad_scores, k_t.swapaxes(-1, -2))
+    grad_q_scaled = matmul(grad_scores, xp.ascontiguousarray(k_t.swapaxes(-1, -2)))
     grad_k = matmul(grad_scores.swapaxes(-1, -2), q_scaled)
     return grad_q_scaled, grad_k, grad_v
 
@@ -161,7 +162,8 @@ def _merge_heads_into(xp, a, destination, scale=None):
 class FusedMultiHeadAttention(Function):
     """A whole multi-head attention block, projections included, as one Function.
 
-    Inputs: x, then context for cross-attention, then Wq, bq, Wk, bk, Wv, bv, Wo, bo.
+    Inputs: x, then context for cross-attention, then Wq, bq, Wk, bk, Wv, bv, Wo, bo,
+    then the residual to add to the output when with_residual.
     Self-attention projects q, k and v in one GEMM with the stacked weights;
     cross-attention projects k and v of the context in one GEMM. Splitting into heads
     copies once (and scales q by 1/sqrt(d) on the way); merging the gradients writes
@@ -169,11 +171,12 @@ class FusedMultiHeadAttention(Function):
     Twin: MultiHeadAttention(fused=False), which composes Linear layers and engine ops.
     """
 
-    def forward(self, *arrays, heads, allowed, keep_scale, weights_sink):
+    def forward(self, *arrays, heads, cross, with_residual, allowed, keep_scale, weights_sink):
         xp = self.xp
-        self.cross = len(arrays) == 10
-        x, context = arrays[0], (arrays[1] if self.cross else arrays[0])
-        wq, bq, wk, bk, wv, bv, wo, bo = arrays[-8:]
+        self.cross, self.with_residual = cross, with_residual
+        x, context = arrays[0], (arrays[1] if cross else arrays[0])
+        first_weight = 2 if cross else 1
+        wq, bq, wk, bk, wv, bv, wo, bo = arrays[first_weight:first_weight + 8]
         batch, length, d_model = x.shape
         source_length = context.shape[1]
         x2, c2 = x.reshape(-1, d_model), context.reshape(-1, d_model)
@@ -199,6 +202,8 @@ class FusedMultiHeadAttention(Function):
         _merge_heads_into(xp, out, merged)
         y = matmul(merged, wo.T)
         y += bo
+        if with_residual:
+            y += arrays[-1].reshape(y.shape)
         if weights_sink is not None:
             weights_sink.append(weights)
         self.saved = (x2, c2, q_scaled, k_t, v, weights, attended, merged, keep_scale, wo)
@@ -237,17 +242,19 @@ class FusedMultiHeadAttention(Function):
             rows = slice(part * d_model, (part + 1) * d_model)
             weight_grads += [grad_w_in[rows], grad_b_in[rows]]
         shaped = [g.reshape(t.shape) for g, t in zip(leading, self.inputs)]
-        return tuple(constant(g) for g in (*shaped, *weight_grads, grad_wo, grad_bo))
+        residual = (grad.data,) if self.with_residual else ()
+        return tuple(constant(g) for g in (*shaped, *weight_grads, grad_wo, grad_bo, *residual))
 
 
 class FusedFeedForward(Function):
     """Linear, ReLU, (dropout,) Linear as one Function, the ReLU done in place.
 
-    Inputs x, W1, b1, W2, b2; keep_scale is the dropout mask (scaled by 1/(1-p)) or None.
+    Inputs x, W1, b1, W2, b2, and the residual to add to the output when there are six;
+    keep_scale is the dropout mask (scaled by 1/(1-p)) or None.
     Twin: nn.FeedForward(..., fused=False), which composes Linear, ReLU and Dropout.
     """
 
-    def forward(self, x, w1, b1, w2, b2, keep_scale):
+    def forward(self, x, w1, b1, w2, b2, residual=None, keep_scale=None):
         xp = self.xp
         rows = x.reshape(-1, x.shape[-1])
         hidden = matmul(rows, w1.T)
@@ -256,13 +263,15 @@ class FusedFeedForward(Function):
         dropped = hidden * keep_scale.reshape(hidden.shape) if keep_scale is not None else hidden
         out = matmul(dropped, w2.T)
         out += b2
+        if residual is not None:
+            out += residual.reshape(out.shape)
         self.rows, self.hidden, self.dropped, self.keep_scale = rows, hidden, dropped, keep_scale
         return out.reshape(x.shape[:-1] + (w2.shape[0],))
 
     def backward(self, grad):
         refuse_create_graph("fused feed-forward", "FeedForward(..., fused=False)")
         xp = self.xp
-        x, w1, _, w2, _ = (t.data for t in self.inputs)
+        x, w1, _, w2 = (t.data for t in self.inputs[:4])
         g2 = grad.data.reshape(-1, grad.shape[-1])
         grad_w2, grad_b2 = matmul(g2.T, self.dropped), column_sum(xp, g2)
         grad_hidden = matmul(g2, w2)
@@ -271,7 +280,8 @@ class FusedFeedForward(Function):
         grad_hidden *= self.hidden > 0  # ReLU passes gradient only where its input was positive
         grad_w1, grad_b1 = matmul(grad_hidden.T, self.rows), column_sum(xp, grad_hidden)
         grad_x = matmul(grad_hidden, w1).reshape(x.shape)
-        return tuple(constant(g) for g in (grad_x, grad_w1, grad_b1, grad_w2, grad_b2))
+        residual = (grad.data,) if len(self.inputs) == 6 else ()
+        return tuple(constant(g) for g in (grad_x, grad_w1, grad_b1, grad_w2, grad_b2, *residual))
 
 
 class FusedLayerNorm(Function):

@@ -71,14 +71,16 @@ class FeedForward(Module):
         self.linear2 = Linear(d_ff, d_model, generator=generator, device=device, dtype=dtype)
         self.fused = fused and activation == "relu"
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """residual: a tensor shaped like x to add to the output (the fused block adds it in place)."""
         if not self.fused:
-            return self.linear2(self.dropout(self.activation(self.linear1(x))))
+            out = self.linear2(self.dropout(self.activation(self.linear1(x))))
+            return out if residual is None else residual + out
         active = self.dropout.training and self.dropout.p > 0
         hidden_shape = x.shape[:-1] + (self.linear1.out_features,)
         keep_scale = F.dropout_mask(hidden_shape, self.dropout.p, self.dropout.generator, x).data if active else None
-        return FusedFeedForward.apply(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                                      keep_scale=keep_scale)
+        weights = (self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
+        return FusedFeedForward.apply(x, *weights, *([] if residual is None else [residual]), keep_scale=keep_scale)
 
 
 class EncoderLayer(Module):
@@ -95,12 +97,21 @@ class EncoderLayer(Module):
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, fused=fused, **make)
         self.dropout = Dropout(dropout, generator)
 
+    def _dropout_active(self):
+        return self.training and self.dropout.p > 0
+
+    def _add(self, x, sublayer_out):
+        """The residual connection, for when the sublayer could not add x itself (dropout comes first)."""
+        return x + self.dropout(sublayer_out)
+
     def forward(self, x, mask=None, need_weights=False, causal=False, cache=None):
         """causal=True makes it a decoder-only (GPT) block; cache: a dict for step-by-step decoding."""
-        attended, weights = self.self_attn(self.norm1(x), mask=mask, causal=causal, need_weights=need_weights, cache=cache)
-        x = x + self.dropout(attended)
-        x = x + self.dropout(self.feed_forward(self.norm2(x)))
-        return x, weights
+        fold = not self._dropout_active()  # without dropout, each sublayer adds the residual itself
+        attended, weights = self.self_attn(self.norm1(x), mask=mask, causal=causal, need_weights=need_weights,
+                                           cache=cache, residual=x if fold else None)
+        x = attended if fold else self._add(x, attended)
+        out = self.feed_forward(self.norm2(x), residual=x if fold else None)
+        return (out if fold else self._add(x, out)), weights
 
 
 class DecoderLayer(EncoderLayer):
@@ -119,14 +130,15 @@ class DecoderLayer(EncoderLayer):
     def forward(self, x, memory, self_mask=None, memory_mask=None, need_weights=False, cache=None):
         """cache: {'self': {}, 'cross': {}} to decode one step at a time (see MultiHeadAttention)."""
         self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
-        attended, self_weights = self.self_attn(self.norm1(x), mask=self_mask, causal=True,
-                                                need_weights=need_weights, cache=self_cache)
-        x = x + self.dropout(attended)
+        fold = not self._dropout_active()
+        attended, self_weights = self.self_attn(self.norm1(x), mask=self_mask, causal=True, need_weights=need_weights,
+                                                cache=self_cache, residual=x if fold else None)
+        x = attended if fold else self._add(x, attended)
         attended, cross_weights = self.cross_attn(self.cross_norm(x), context=memory, mask=memory_mask,
-                                                  need_weights=need_weights, cache=cross_cache)
-        x = x + self.dropout(attended)
-        x = x + self.dropout(self.feed_forward(self.norm2(x)))
-        return x, ({"self": self_weights, "cross": cross_weights} if need_weights else None)
+                                                  need_weights=need_weights, cache=cross_cache, residual=x if fold else None)
+        x = attended if fold else self._add(x, attended)
+        out = self.feed_forward(self.norm2(x), residual=x if fold else None)
+        return (out if fold else self._add(x, out)), ({"self": self_weights, "cross": cross_weights} if need_weights else None)
 
 
 class _Stack(Module):
