@@ -1,0 +1,93 @@
+"""Resident memory over a long training run of the reference config: peak, and growth after warm-up.
+
+    python benchmarks/memory.py [--steps 2000]
+
+Trains as train.py does (fresh batches from the seeded stream, Adam lr 3e-3 with
+WarmupCosine(100, 1500), no evaluation) and reads VmRSS / VmHWM from /proc/self/status
+every 100 steps (ru_maxrss from getrusage where /proc is missing: peak only). A leak
+shows as RSS still growing after step 100, once the allocator and the optimizer state
+have settled. torch is never imported here. Writes benchmarks/results/memory.json.
+"""
+import argparse
+import resource
+import sys
+import time
+
+import common
+from models import build_model
+from tinyattn import optim
+from tinyattn.functional import cross_entropy
+from tinyattn.tasks import PAD
+
+SAMPLE_EVERY = 100
+SETTLED_STEP = 100
+
+
+def memory_mib():
+    """{'rss': current, 'peak': high-water mark} in MiB; rss is None without /proc."""
+    try:
+        with open("/proc/self/status") as handle:
+            fields = dict(line.split(":", 1) for line in handle if line.startswith(("VmRSS", "VmHWM")))
+        return {"rss": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024,
+                "source": "/proc/self/status"}
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return {"rss": None, "peak": peak / (1024 * 1024 if sys.platform == "darwin" else 1024), "source": "getrusage"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    common.add_out_argument(parser, "memory")
+    args = parser.parse_args()
+    allocator = common.setup()
+    machine = common.machine_info(allocator)
+    common.print_machine(machine)
+    config = common.REFERENCE
+    task = common.task_for(config)
+    before_model = memory_mib()
+    model = build_model(config, task.vocab_size)
+    optimizer = optim.Adam(model.parameters(), lr=config["lr"])
+    schedule = optim.WarmupCosine(optimizer, config["warmup"], config["steps"])
+    stream = task.batches(config["batch_size"], config["seed"])
+    start_memory = memory_mib()
+    samples = [{"step": 0, **start_memory}]
+    print(f"training {args.steps} steps, reading memory every {SAMPLE_EVERY} ...", flush=True)
+    start = time.perf_counter()
+    loss_value = None
+    for step in range(1, args.steps + 1):
+        logits, labels = model.forward_batch(next(stream))
+        loss = cross_entropy(logits, labels, ignore_index=PAD)
+        loss_value = loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % SAMPLE_EVERY == 0 or step == args.steps:
+            samples.append({"step": step, **memory_mib()})
+    seconds = time.perf_counter() - start
+    end = samples[-1]
+    settled = next((s for s in samples if s["step"] == SETTLED_STEP), None)
+    growth = None
+    if settled and settled["rss"] and end["step"] > SETTLED_STEP:
+        growth = 100.0 * (end["rss"] - settled["rss"]) / settled["rss"]
+    figures = {"peak_mib": end["peak"], "rss_before_model_mib": before_model["rss"], "rss_at_start_mib": start_memory["rss"],
+               "rss_at_step_100_mib": settled and settled["rss"], "rss_at_end_mib": end["rss"],
+               "growth_after_step_100_percent": growth, "final_loss": loss_value, "train_s": seconds,
+               "source": end["source"], "samples": samples}
+    settings = {"config": config, "steps": args.steps, "sample_every": SAMPLE_EVERY, "evaluation": None}
+    common.write_results("memory", machine, settings, figures, args.out)
+
+    mib = lambda value: "-" if value is None else f"{value:.1f} MiB"
+    print(f"\nresident memory, reference config, {args.steps} training steps in {seconds:.0f} s (final loss {loss_value:.4f})")
+    common.table(["figure", "value"], [
+        ["RSS after imports, before the model", mib(before_model["rss"])],
+        ["RSS at step 0 (model + Adam state)", mib(start_memory["rss"])],
+        [f"RSS at step {SETTLED_STEP}", mib(settled and settled["rss"])],
+        [f"RSS at step {end['step']}", mib(end["rss"])],
+        ["peak (VmHWM)" if end["source"] != "getrusage" else "peak (ru_maxrss)", mib(end["peak"])],
+        [f"growth after step {SETTLED_STEP}", "-" if growth is None else f"{growth:+.1f}%"]])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Training step time (forward + backward + Adam) of tinyattn vs a PyTorch twin, and how near
+tinyattn gets to NumPy's GEMM rate when the model is wide.
+
+    python benchmarks/step_time.py [--pairs 300 --warmup 30 --block 10 --pause 0.25 --compute-steps 20 --skip-torch]
+
+Part 1, the reference config (train.py's defaults): both sides start from the same
+weights and train on the same pre-generated batches, taking turns in one process, so a
+slow moment of this shared machine hits both alike. They take turns in blocks of
+--block steps (the order flips every round), not step by step: after its last GEMM,
+OpenBLAS keeps its worker threads spinning for about 0.1 s, and on 2 cores that spinning
+took PyTorch's next step from about 27 to 130 ms. So each block starts after a --pause
+of sleep and one untimed step. The k-th timed step of one side pairs with the k-th of the
+other; reports each side's median step and the median of the pairwise ratios
+tinyattn / torch.
+
+Part 2, a compute-bound config (d_model 256, 4+4 layers, d_ff 1024, lengths up to 32):
+tinyattn's median step, the GFLOP/s its matrix products reach (FLOPs counted from each
+batch's padded shapes), and NumPy's own float32 GEMM rate at n=256 and n=512 measured
+between those steps. Writes benchmarks/results/step_time.json.
+"""
+import argparse
+import time
+
+import common
+from models import build_model
+from tinyattn import optim
+from tinyattn.functional import cross_entropy
+from tinyattn.tasks import PAD
+
+DISTINCT_BATCHES = 32
+
+
+def tinyattn_step(model, optimizer, batch):
+    """One training step, timed; returns (seconds, loss)."""
+    start = time.perf_counter()
+    logits, labels = model.forward_batch(batch)
+    loss = cross_entropy(logits, labels, ignore_index=PAD)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    value = loss.item()
+    return time.perf_counter() - start, value
+
+
+def torch_step(twin, optimizer, tensors):
+    start = time.perf_counter()
+    loss = twin.loss(*tensors)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    value = loss.item()
+    return time.perf_counter() - start, value
+
+
+def reference_pairs(args, torch):
+    """Alternating steps on the reference config; returns the figures."""
+    config = common.REFERENCE
+    task = common.task_for(config)
+    stream = task.batches(config["batch_size"], config["seed"])
+    batches = [next(stream) for _ in range(DISTINCT_BATCHES)]
+    model = build_model(config, task.vocab_size)
+    optimizer = optim.Adam(model.parameters(), lr=config["lr"])
+    sides = {"tinyattn": lambda i: tinyattn_step(model, optimizer, batches[i % len(batches)])}
+    if torch is not None:
+        from twin import Seq2SeqTwin, batch_tensors
+        twin = Seq2SeqTwin.from_tinyattn(model)  # same starting weights
+        twin_optimizer = torch.optim.Adam(twin.parameters(), lr=config["lr"])
+        tensors = [batch_tensors(batch) for batch in batches]
+        sides["torch"] = lambda i: torch_step(twin, twin_optimizer, tensors[i % len(tensors)])
+    names = list(sides)
+    counters = dict.fromkeys(names, 0)
+
+    def run(name):  # each side walks the same batch sequence
+        result = sides[name](counters[name])
+        counters[name] += 1
+        return result
+
+    for _ in range(args.warmup):
+        for name in names:
+            run(name)
+    times, losses = {name: [] for name in names}, {name: None for name in names}
+    rounds = -(-args.pairs // args.block)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            if len(names) > 1:
+                time.sleep(args.pause)  # the other side's BLAS / OpenMP workers stop spinning
+                run(name)               # untimed: wakes this side's worker threads
+            for _ in range(min(args.block, args.pairs - r * args.block)):
+                seconds, losses[name] = run(name)
+                times[name].append(seconds)
+    figures = {"steps_each": args.pairs, "warmup_steps_each": args.warmup, "block": args.block, "pause_s": args.pause,
+               "median_step_ms": {name: common.median(t) * 1e3 for name, t in times.items()},
+               "quartiles_step_ms": {name: [q * 1e3 for q in common.quartiles(t)] for name, t in times.items()},
+               "last_loss": losses,
+               "step_ms": {name: [round(t * 1e3, 3) for t in ts] for name, ts in times.items()},
+               "mean_padded_shape": {"source": sum(b.source.shape[1] for b in batches) / len(batches),
+                                     "decoder": sum(b.decoder_input.shape[1] for b in batches) / len(batches)}}
+    if torch is not None:
+        figures["median_ratio_tinyattn_over_torch"] = common.median_ratio(times["tinyattn"], times["torch"])
+        figures["torch_threads"] = torch.get_num_threads()
+    return figures
+
+
+def compute_bound(args):
+    """tinyattn's step on the wide config, with NumPy GEMM samples taken between its steps."""
+    config = common.COMPUTE_BOUND
+    task = common.task_for(config)
+    stream = task.batches(config["batch_size"], config["seed"])
+    batches = [next(stream) for _ in range(8)]
+    model = build_model(config, task.vocab_size)
+    optimizer = optim.Adam(model.parameters(), lr=config["lr"])
+    probes = {256: common.GemmProbe(256, 40), 512: common.GemmProbe(512, 6)}
+    for i in range(3):
+        tinyattn_step(model, optimizer, batches[i % len(batches)])
+        for probe in probes.values():
+            probe.sample()
+    step_times, step_rates, gemm = [], [], {n: [] for n in probes}
+    for i in range(args.compute_steps):
+        batch = batches[i % len(batches)]
+        seconds, _ = tinyattn_step(model, optimizer, batch)
+        step_times.append(seconds)
+        step_rates.append(common.training_step_flops(batch, config, task.vocab_size) / seconds / 1e9)
+        for n, probe in probes.items():
+            gemm[n].append(probe.sample())
+    gemm_medians = {str(n): common.median(samples) for n, samples in gemm.items()}
+    best = max(gemm_medians, key=gemm_medians.get)
+    achieved = common.median(step_rates)
+    return {"steps": args.compute_steps, "median_step_ms": common.median(step_times) * 1e3,
+            "median_training_step_gflop": common.median(common.training_step_flops(b, config, task.vocab_size) for b in batches) / 1e9,
+            "achieved_gflops": achieved, "numpy_gemm_gflops": gemm_medians, "reference_gemm_n": int(best),
+            "achieved_over_gemm": achieved / gemm_medians[best]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=300, help="alternating timed steps per side (default 300)")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed steps per side first (default 30)")
+    parser.add_argument("--block", type=int, default=10, help="consecutive timed steps of one side before switching (default 10)")
+    parser.add_argument("--pause", type=float, default=0.25,
+                        help="untimed seconds of sleep before each block, so the other side's worker threads stop spinning (default 0.25)")
+    parser.add_argument("--compute-steps", type=int, default=20, help="timed steps of the compute-bound config (default 20; 0 skips it)")
+    parser.add_argument("--skip-torch", action="store_true", help="time tinyattn only")
+    common.add_out_argument(parser, "step_time")
+    args = parser.parse_args()
+    allocator = common.setup()
+    torch = common.torch_or_none(args.skip_torch)
+    machine = common.machine_info(allocator)
+    common.print_machine(machine)
+    print(f"reference config: {args.warmup} warm-up + {args.pairs} timed steps per side, alternating ...", flush=True)
+    reference = reference_pairs(args, torch)
+    compute = None
+    if args.compute_steps > 0:
+        print(f"compute-bound config: {args.compute_steps} steps, NumPy GEMM samples between them ...", flush=True)
+        compute = compute_bound(args)
+    settings = {"reference_config": common.REFERENCE, "compute_bound_config": common.COMPUTE_BOUND,
+                "pairs": args.pairs, "warmup": args.warmup, "block": args.block, "pause_s": args.pause, "compute_steps": args.compute_steps,
+                "distinct_batches": DISTINCT_BATCHES, "optimizer": "Adam lr 3e-3, constant", "torch": torch is not None}
+    common.write_results("step_time", machine, settings, {"reference": reference, "compute_bound": compute}, args.out)
+
+    print("\ntraining step (forward + backward + Adam), reference config, batch 64, lengths 1..16")
+    medians = reference["median_step_ms"]
+    rows = [[name, f"{ms:.2f}", "{:.2f}-{:.2f}".format(*reference["quartiles_step_ms"][name])] for name, ms in medians.items()]
+    common.table(["side", "median ms", "quartiles ms"], rows)
+    if "median_ratio_tinyattn_over_torch" in reference:
+        print(f"tinyattn / torch, median of {args.pairs} pairwise ratios: {reference['median_ratio_tinyattn_over_torch']:.2f}")
+    if compute:
+        print(f"\ncompute-bound config (d_model 256, 4+4 layers, d_ff 1024, lengths 1..32, batch 64), "
+              f"{compute['median_training_step_gflop']:.1f} GFLOP of matrix products per step")
+        gemm = compute["numpy_gemm_gflops"]
+        common.table(["figure", "value"], [
+            ["tinyattn median step ms", f"{compute['median_step_ms']:.1f}"],
+            ["tinyattn achieved GFLOP/s", f"{compute['achieved_gflops']:.1f}"],
+            ["numpy float32 GEMM GFLOP/s, n=256", f"{gemm['256']:.1f}"],
+            ["numpy float32 GEMM GFLOP/s, n=512", f"{gemm['512']:.1f}"],
+            [f"achieved / GEMM (n={compute['reference_gemm_n']})", f"{compute['achieved_over_gemm']:.2f}"]])
+
+
+if __name__ == "__main__":
+    main()
