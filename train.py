@@ -17,7 +17,7 @@ import time
 from tqdm import tqdm
 
 import tinyattn as ta
-from models import MODELS, build_model
+from models import ATTENTION_HEADS_USED, MODELS, build_model
 from tinyattn import checkpoint, optim
 from tinyattn.allocator import tune_allocator
 from tinyattn.functional import cross_entropy
@@ -26,10 +26,11 @@ from tinyattn.viz import attention_svg, heatmap_text
 
 DEFAULTS = dict(task="reverse", model="transformer", vocab=10, min_len=1, max_len=16, d_model=64, heads=4, layers=2,
                 d_ff=256, dropout=0.0, batch_size=64, lr=3e-3, grad_clip=0.0, warmup=100, steps=1500, eval_every=100, eval_size=512,
-                target_accuracy=0.99, seed=0, device=None, out="runs", log=None, stop_at=None)
+                target_accuracy=0.99, seed=0, device=None, out="runs", log=None, stop_at=None, by_length=False)
 # What a resumed run may change; everything else (model, data, optimizer) comes from the checkpoint.
-RUN_SETTINGS = ("steps", "eval_every", "eval_size", "target_accuracy", "device", "out", "log", "stop_at")
+RUN_SETTINGS = ("steps", "eval_every", "eval_size", "target_accuracy", "device", "out", "log", "stop_at", "by_length")
 CHECKPOINT_NAME = "checkpoint.npz"
+ATTENTION_KINDS = {"transformer": "cross-attention", "gpt": "attention on the source", "rnn-attention": "additive attention"}
 SAMPLES_SHOWN = 5
 INTERRUPTED_EXIT = 130
 
@@ -51,8 +52,9 @@ def build_parser():
     task.add_argument("--min-len", type=int, help="shortest source sequence (default 1)")
     task.add_argument("--max-len", type=int, help="longest source sequence (default 16)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=MODELS, help="encoder-decoder 'transformer' or decoder-only 'gpt' (default transformer)")
-    model.add_argument("--d-model", type=int, help="width of the residual stream (default 64)")
+    model.add_argument("--model", choices=MODELS, help="encoder-decoder 'transformer' (default), decoder-only 'gpt', "
+                       "or a GRU encoder-decoder without ('rnn') or with ('rnn-attention') additive attention")
+    model.add_argument("--d-model", type=int, help="width of the residual stream; the GRU's hidden size for the RNN models (default 64)")
     model.add_argument("--heads", type=int, help="attention heads; must divide --d-model (default 4)")
     model.add_argument("--layers", type=int, help="layers in each stack (default 2)")
     model.add_argument("--d-ff", type=int, help="hidden width of the feed-forward blocks (default 256)")
@@ -78,6 +80,7 @@ def build_parser():
     inspect.add_argument("--evaluate", action="store_true", help="report held-out accuracy of --checkpoint")
     inspect.add_argument("--decode", metavar="SYMBOLS", help='decode one sequence, e.g. "3 1 4 1 5", and draw its attention')
     inspect.add_argument("--svg", metavar="FILE", help="where --decode writes the attention map (default attention.svg)")
+    inspect.add_argument("--by-length", action="store_true", help="also report held-out accuracy for each source length")
     return parser
 
 
@@ -92,7 +95,8 @@ def check_config(config, parser):
         require(config[name] > 0, f"--{name.replace('_', '-')} must be positive, got {config[name]}")
     require(config["vocab"] >= 2, f"--vocab must be at least 2, got {config['vocab']}")
     require(config["min_len"] <= config["max_len"], f"--min-len ({config['min_len']}) must not exceed --max-len ({config['max_len']})")
-    require(config["d_model"] % config["heads"] == 0, f"--heads ({config['heads']}) must divide --d-model ({config['d_model']})")
+    require(config["model"] not in ATTENTION_HEADS_USED or config["d_model"] % config["heads"] == 0,
+            f"--heads ({config['heads']}) must divide --d-model ({config['d_model']})")
     require(0.0 <= config["dropout"] < 1.0, f"--dropout must be in [0, 1), got {config['dropout']}")
     require(config["lr"] > 0 and math.isfinite(config["lr"]), f"--lr must be a positive number, got {config['lr']}")
     require(config["grad_clip"] >= 0, f"--grad-clip must be at least 0, got {config['grad_clip']}")
@@ -134,6 +138,23 @@ class Run:
         self.stream = self.task.batches(config["batch_size"], config["seed"], device=config["device"])
         self.step, self.elapsed_before = 0, 0.0
 
+    def train_step(self):
+        """One optimizer step on the next batch: (loss, batch, logits, labels). A non-finite
+        loss is returned before any update, so the caller can stop with the model intact."""
+        batch = next(self.stream)
+        logits, labels = self.model.forward_batch(batch)
+        loss = cross_entropy(logits, labels, ignore_index=PAD)
+        loss_value = loss.item()
+        if math.isfinite(loss_value):
+            self.optimizer.zero_grad()
+            loss.backward()
+            if self.config["grad_clip"]:
+                optim.clip_grad_norm_(self.model.parameters(), self.config["grad_clip"])
+            self.optimizer.step()
+            self.schedule.step()
+            self.step += 1
+        return loss_value, batch, logits, labels
+
     def state(self, elapsed):
         return {"config": self.config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "step": self.step, "data": self.stream.state(),
@@ -152,22 +173,34 @@ class Run:
 
 
 def evaluate(model, task, batches):
-    """Greedy-decode held-out batches: exact-match (EOS included), token accuracy, and some samples."""
+    """Greedy-decode held-out batches: exact-match (EOS included), token accuracy, the same
+    for each source length, and some samples."""
     model.eval()
-    exact = correct = total = 0
+    by_length = {}  # source length -> [sequences, exactly right, right tokens, tokens]
     samples = []
     for batch in batches:
         predictions, _ = model.greedy_decode(batch.source, task.max_len + 1)
         for source, target, predicted in zip(batch.sources, batch.targets, predictions):
             expected = target + [EOS]
-            exact += predicted == expected
-            correct += sum(p == e for p, e in zip(predicted, expected))
-            total += len(expected)
+            counts = by_length.setdefault(len(source), [0, 0, 0, 0])
+            counts[0] += 1
+            counts[1] += predicted == expected
+            counts[2] += sum(p == e for p, e in zip(predicted, expected))
+            counts[3] += len(expected)
             if len(samples) < SAMPLES_SHOWN:
                 samples.append((source, predicted, predicted == expected))
     model.train()
-    count = sum(len(batch) for batch in batches)
-    return {"exact_match": exact / count, "token_accuracy": correct / total, "sequences": count, "samples": samples}
+    totals = [sum(column) for column in zip(*by_length.values())]
+    return {"exact_match": totals[1] / totals[0], "token_accuracy": totals[2] / totals[3], "sequences": totals[0],
+            "samples": samples,
+            "by_length": {length: {"sequences": n, "exact_match": right / n, "token_accuracy": tokens_right / tokens}
+                          for length, (n, right, tokens_right, tokens) in sorted(by_length.items())}}
+
+
+def show_by_length(result):
+    print("source length  sequences  exact-match  token accuracy")
+    for length, figures in result["by_length"].items():
+        print(f"{length:13d}  {figures['sequences']:9d}  {figures['exact_match']:11.1%}  {figures['token_accuracy']:14.1%}")
 
 
 def parameters_finite(model):
@@ -212,19 +245,9 @@ def train(config, resume=None, resume_path=None):
     window_start, window_tokens = time.perf_counter(), 0
     try:
         while run.step < config["steps"]:
-            batch = next(run.stream)
-            logits, labels = run.model.forward_batch(batch)
-            loss = cross_entropy(logits, labels, ignore_index=PAD)
-            loss_value = loss.item()
+            loss_value, batch, logits, labels = run.train_step()
             if not math.isfinite(loss_value):
                 return stop_on_divergence(progress, f"the loss became {loss_value} at step {run.step + 1}", path, saved_step)
-            run.optimizer.zero_grad()
-            loss.backward()
-            if config["grad_clip"]:
-                optim.clip_grad_norm_(run.model.parameters(), config["grad_clip"])
-            run.optimizer.step()
-            run.schedule.step()
-            run.step += 1
             window_tokens += batch.num_tokens
             progress.update(1)
             if run.step % 10 == 0 or run.step == config["steps"]:
@@ -274,6 +297,8 @@ def train(config, resume=None, resume_path=None):
     print(f"steps {run.step}, wall time {elapsed:.1f} s, checkpoint {path}")
     print("samples (input -> output):")
     show_samples(result["samples"])
+    if config["by_length"]:
+        show_by_length(result)
     return 0
 
 
@@ -303,12 +328,16 @@ def decode(run, text, svg_path, parser):
         parser.error(f"--decode got {len(source)} symbols; this model was trained on at most --max-len {run.config['max_len']}")
     batch = run.task.make_batch([source], device=run.config["device"])
     run.model.eval()
-    (predicted,), (maps,) = run.model.greedy_decode(batch.source, run.config["max_len"] + 1, need_weights=True)
+    (predicted,), all_maps = run.model.greedy_decode(batch.source, run.config["max_len"] + 1, need_weights=True)
     expected = run.task.target_for(source) + [EOS]
     print(f"{describe(source)} -> {describe([t for t in predicted if t != EOS])}  "
           f"{'✓' if predicted == expected else '✗ expected ' + describe(expected[:-1])} ({run.config['task']})")
+    if all_maps is None:
+        print("(this model has no attention to draw: its decoder sees only the encoder's last state)")
+        return
+    (maps,) = all_maps
     rows, columns = [describe([t]) for t in predicted], [describe([t]) for t in source]
-    kind = "cross-attention" if run.config["model"] == "transformer" else "attention on the source"
+    kind = ATTENTION_KINDS[run.config["model"]]
     for layer, heads in enumerate(maps):
         for head, weights in enumerate(heads):
             print(f"\n{kind}, layer {layer + 1}, head {head + 1} (rows: outputs, columns: inputs)")
@@ -339,6 +368,8 @@ def main(argv=None):
                 print(f"{args.checkpoint} (step {run.step}): held-out exact-match {result['exact_match']:.1%}, "
                       f"token accuracy {result['token_accuracy']:.1%} on {result['sequences']} sequences")
                 show_samples(result["samples"])
+                if args.by_length:
+                    show_by_length(result)
             return 0
         resume = checkpoint.load(args.resume) if args.resume else None
         config = settings_from(args, resume.get("config", {}) if resume else None, parser)

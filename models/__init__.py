@@ -1,8 +1,10 @@
 """Model definitions built on tinyattn, and the registry train.py builds them from."""
 from .gpt import DecoderOnlyTransformer
+from .rnn import RNNSeq2Seq
 from .transformer import Seq2SeqTransformer
 
-MODELS = ("transformer", "gpt")
+MODELS = ("transformer", "gpt", "rnn", "rnn-attention")
+ATTENTION_HEADS_USED = ("transformer", "gpt")  # the RNN models have one GRU layer each way and no heads
 
 
 def build_model(config, vocab_size, device=None):
@@ -16,4 +18,8 @@ def build_model(config, vocab_size, device=None):
     if config["model"] == "gpt":
         # BOS source SEP target (EOS is only ever a label): 2 * max_len + 2 positions
         return DecoderOnlyTransformer(vocab_size, num_layers=config["layers"], max_len=2 * config["max_len"] + 2, **common)
+    if config["model"] in ("rnn", "rnn-attention"):
+        # --d-model is the GRU's hidden size (and the embedding size); --heads, --layers and --d-ff do not apply
+        return RNNSeq2Seq(vocab_size, hidden_size=config["d_model"], attention=config["model"] == "rnn-attention",
+                          seed=config["seed"], device=device)
     raise ValueError(f"unknown model {config['model']!r}; expected one of {', '.join(MODELS)}")

@@ -56,8 +56,8 @@ def test_decoding_past_the_positions_is_a_clear_error(model):
 
 
 def test_unknown_model_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown model 'rnn'"):
-        build_model({**CONFIG, "model": "rnn"}, TASK.vocab_size)
+    with pytest.raises(ValueError, match="unknown model 'lstm'"):
+        build_model({**CONFIG, "model": "lstm"}, TASK.vocab_size)
 
 
 def test_transformer_exposes_cross_attention_weights():

@@ -537,3 +537,20 @@ def test_a_fresh_run_overwrites_its_log_and_a_resumed_one_appends(tmp_path):
     assert [entry["step"] for entry in read_log(log)] == [10]
     assert run_main(["--resume", tmp_path / "out" / train.CHECKPOINT_NAME, "--log", log])[0] == 0
     assert [entry["step"] for entry in read_log(log)] == [10, 20]
+
+
+def test_rnn_models_train_and_report_accuracy_by_length(tmp_path, capsys):
+    common = ["--task", "copy", "--vocab", "4", "--min-len", "1", "--max-len", "4", "--d-model", "24", "--batch-size", "32",
+              "--eval-size", "64", "--steps", "60", "--eval-every", "60", "--warmup", "10", "--by-length"]
+    for name in ("rnn", "rnn-attention"):
+        assert train.main(common + ["--model", name, "--out", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert f"model: {name}" in out
+        table = out.split("source length  sequences  exact-match  token accuracy\n")[1].splitlines()
+        assert [int(line.split()[0]) for line in table] == [1, 2, 3, 4]  # one row per source length
+    assert train.main(["--checkpoint", str(tmp_path / "rnn" / "checkpoint.npz"), "--decode", "1 2", "--svg", str(tmp_path / "a.svg")]) == 0
+    assert "no attention to draw" in capsys.readouterr().out
+    assert train.main(["--checkpoint", str(tmp_path / "rnn-attention" / "checkpoint.npz"), "--decode", "1 2",
+                       "--svg", str(tmp_path / "b.svg")]) == 0
+    assert "additive attention, layer 1, head 1" in capsys.readouterr().out
+    assert (tmp_path / "b.svg").exists()

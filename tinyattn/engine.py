@@ -300,12 +300,15 @@ def backpropagate(root, root_grad, retain_graph, create_graph, inputs=None):
     if root._ctx is None:
         deliver(root, root_grad)
         return found
-    # Function -> (its output, the gradient gathered so far). Holding the output here keeps
-    # it alive for rules that use it, even after its consumers have released their inputs.
-    pending = {root._ctx: (root, root_grad)}
+    # Function -> (its output, the gradient gathered so far, whether the engine made that
+    # gradient's array itself). Holding the output keeps it alive for rules that use it,
+    # even after its consumers have released their inputs. A gradient the engine summed is
+    # seen by no one else, so further contributions are added to it in place; one that came
+    # from a backward rule may be shared (Add hands the same gradient to both inputs).
+    pending = {root._ctx: (root, root_grad, False)}
     with set_grad_enabled(create_graph):
         for function in _topological_order(root._ctx):
-            output, grad = pending.pop(function, (None, None))
+            output, grad, _ = pending.pop(function, (None, None, False))
             if grad is not None:
                 if output._retains_grad or wanted is not None:
                     deliver(output, grad)
@@ -322,9 +325,14 @@ def backpropagate(root, root_grad, retain_graph, create_graph, inputs=None):
                     if tensor._ctx is None:
                         deliver(tensor, input_grad)
                     elif tensor._ctx in pending:
-                        pending[tensor._ctx] = (tensor, pending[tensor._ctx][1] + input_grad)
+                        _, total, owned = pending[tensor._ctx]
+                        if owned:
+                            total.data += input_grad.data
+                        else:
+                            total = total + input_grad
+                        pending[tensor._ctx] = (tensor, total, not create_graph)
                     else:
-                        pending[tensor._ctx] = (tensor, input_grad)
+                        pending[tensor._ctx] = (tensor, input_grad, False)
             if not retain_graph:
                 function.release()
     return found

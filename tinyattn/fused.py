@@ -353,3 +353,112 @@ class FusedCrossEntropyRows(Function):
             grad_logits -= self.smoothing / grad_logits.shape[1]
         grad_logits *= (grad.data * self.keep)[:, None]
         return constant(grad_logits)
+
+
+def _sigmoid_inplace(xp, a):
+    """Logistic sigmoid in place, as 0.5 * tanh(0.5 a) + 0.5: no overflow for large |a|."""
+    a *= 0.5
+    xp.tanh(a, out=a)
+    a *= 0.5
+    a += 0.5
+    return a
+
+
+class FusedGRUCell(Function):
+    """One GRU step, both projections included, as one Function (twin: nn.GRUCell(fused=False)).
+
+    Inputs x (B, in), h (B, H), W_ih (3H, in), b_ih, W_hh (3H, H), b_hh; gates in the
+    order reset, update, candidate, as in PyTorch.
+    """
+
+    def forward(self, x, h, w_ih, b_ih, w_hh, b_hh):
+        xp = self.xp
+        size = h.shape[1]
+        gates_x = matmul(x, w_ih.T)
+        gates_x += b_ih
+        gates_h = matmul(h, w_hh.T)
+        gates_h += b_hh
+        reset_update = _sigmoid_inplace(xp, gates_x[:, :2 * size] + gates_h[:, :2 * size])
+        reset, update = reset_update[:, :size], reset_update[:, size:]
+        candidate = gates_h[:, 2 * size:] * reset
+        candidate += gates_x[:, 2 * size:]
+        xp.tanh(candidate, out=candidate)
+        out = h - candidate
+        out *= update
+        out += candidate
+        self.saved = (reset_update, candidate, gates_h[:, 2 * size:])
+        return out
+
+    def backward(self, grad):
+        refuse_create_graph("fused GRU cell", "GRUCell(..., fused=False)")
+        xp = self.xp
+        x, h, w_ih, _, w_hh, _ = (t.data for t in self.inputs)
+        reset_update, candidate, hidden_candidate = self.saved
+        g = grad.data
+        size = h.shape[1]
+        reset, update = reset_update[:, :size], reset_update[:, size:]
+        grad_gates_x = xp.empty((g.shape[0], 3 * size), dtype=g.dtype)
+        grad_gates_h = xp.empty_like(grad_gates_x)
+        # h' = n + z (h - n): dn = g (1 - z), dz = g (h - n), and g z flows straight to h
+        grad_candidate = grad_gates_x[:, 2 * size:]
+        xp.multiply(g, 1.0 - update, out=grad_candidate)
+        grad_candidate *= 1.0 - candidate * candidate            # through tanh
+        xp.multiply(grad_candidate, reset, out=grad_gates_h[:, 2 * size:])
+        grad_reset_update = grad_gates_x[:, :2 * size]
+        xp.multiply(grad_candidate, hidden_candidate, out=grad_reset_update[:, :size])  # dr
+        xp.multiply(g, h - candidate, out=grad_reset_update[:, size:])                 # dz
+        grad_reset_update *= reset_update * (1.0 - reset_update)  # through the sigmoids
+        grad_gates_h[:, :2 * size] = grad_reset_update
+        grad_h = g * update
+        grad_h += matmul(grad_gates_h, w_hh)
+        grads = (matmul(grad_gates_x, w_ih), grad_h, matmul(grad_gates_x.T, x), column_sum(xp, grad_gates_x),
+                 matmul(grad_gates_h.T, h), column_sum(xp, grad_gates_h))
+        return tuple(constant(g) for g in grads)
+
+
+class FusedAdditiveAttention(Function):
+    """Additive attention as one Function (twin: nn.AdditiveAttention(fused=False)).
+
+    Inputs query (B, Q), keys (B, S, K), projected_keys (B, S, A), W_q (A, Q), score (A):
+    energy = tanh(projected_keys + query W_q^T), weights = softmax_s(energy . score),
+    context = sum_s weights_s keys_s. Returns the context; the weights leave through
+    `weights_sink` when one is given.
+    """
+
+    def forward(self, query, keys, projected_keys, w_query, score, mask, weights_sink):
+        xp = self.xp
+        batch, length, size = projected_keys.shape
+        energy = projected_keys + matmul(query, w_query.T)[:, None, :]
+        xp.tanh(energy, out=energy)
+        scores = matmul(energy.reshape(-1, size), score).reshape(batch, length)
+        if mask is not None:
+            scores = xp.where(mask, scores, MASKED_SCORE).astype(scores.dtype)
+        scores -= row_max(xp, scores)
+        weights = xp.exp(scores, out=scores)
+        weights /= row_sum(xp, weights)
+        if mask is not None:
+            weights *= mask.any(axis=-1, keepdims=True)  # a row with no real key gets zeros
+        if weights_sink is not None:
+            weights_sink.append(weights)
+        self.energy, self.weights = energy, weights
+        return matmul(weights[:, None, :], keys)[:, 0]
+
+    def backward(self, grad):
+        refuse_create_graph("fused additive attention", "AdditiveAttention(..., fused=False)")
+        xp = self.xp
+        query, keys, _, w_query, score = (t.data for t in self.inputs)
+        energy, weights = self.energy, self.weights
+        g = grad.data
+        batch, length, size = energy.shape
+        grad_keys = weights[:, :, None] * g[:, None, :]
+        grad_weights = matmul(keys, g[:, :, None])[:, :, 0]
+        grad_scores = grad_weights
+        grad_scores -= row_sum(xp, grad_weights * weights)
+        grad_scores *= weights
+        grad_score = matmul(grad_scores.reshape(-1), energy.reshape(-1, size))
+        grad_energy = grad_scores[:, :, None] * score
+        grad_energy *= 1.0 - energy * energy
+        grad_query_projection = grad_energy.sum(axis=1)
+        grads = (matmul(grad_query_projection, w_query), grad_keys, grad_energy,
+                 matmul(grad_query_projection.T, query), grad_score)
+        return tuple(constant(g) for g in grads)

@@ -133,9 +133,9 @@ class MatMul(Function):
         inner_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
         if a.shape[-1] != inner_b:
             raise ValueError(f"the contracted dimensions differ ({a.shape[-1]} != {inner_b})")
-        if a.ndim > 2 and b.ndim == 2:
-            # One large GEMM over all rows; NumPy would run one small GEMM per batch entry.
-            return backend.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+        if a.ndim > 2 and b.ndim <= 2:
+            # One large GEMM (or GEMV) over all rows; NumPy would run one per batch entry.
+            return backend.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + b.shape[1:])
         return backend.matmul(a, b)
 
     def backward(self, grad):

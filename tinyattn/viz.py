@@ -96,3 +96,48 @@ def attention_svg(maps, row_labels, column_labels, title="cross-attention"):
                 parts.append(f'<text x="{left + j * cell + cell / 2}" y="{top + panel_height + 12}" text-anchor="middle">{escape(label)}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+LINE_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+
+
+def line_chart_svg(panels, x_label, y_label, title=""):
+    """Side-by-side line charts as SVG. `panels` maps a panel title to {series name: [(x, y), ...]};
+    y runs from 0 to 1 (an accuracy), x over the union of the series' x values."""
+    width, height, margin = 360, 260, 50
+    total_width = margin + len(panels) * (width + margin)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_width}" height="{height + 2 * margin + 30}" '
+             f'font-family="Helvetica" font-size="11">']
+    if title:
+        parts.append(f'<text x="{margin}" y="20" font-size="14">{escape(title)}</text>')
+    names = sorted({name for series in panels.values() for name in series})
+    colours = {name: LINE_COLOURS[i % len(LINE_COLOURS)] for i, name in enumerate(names)}
+    for index, (panel, series) in enumerate(panels.items()):
+        left, top = margin + index * (width + margin), margin
+        xs = [x for points in series.values() for x, _ in points]
+        low, high = min(xs), max(xs)
+
+        def place(x, y):
+            return left + (x - low) / ((high - low) or 1) * width, top + (1.0 - y) * height
+
+        parts.append(f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#999"/>')
+        parts.append(f'<text x="{left + width / 2}" y="{top - 8}" text-anchor="middle" font-size="12">{escape(panel)}</text>')
+        for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+            _, y = place(low, tick)
+            parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}" stroke="#eee"/>')
+            parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
+        for x in sorted(set(xs)):
+            px, _ = place(x, 0.0)
+            parts.append(f'<text x="{px:.1f}" y="{top + height + 14}" text-anchor="middle">{x:g}</text>')
+        parts.append(f'<text x="{left + width / 2}" y="{top + height + 30}" text-anchor="middle">{escape(x_label)}</text>')
+        parts.append(f'<text x="{left - 36}" y="{top + height / 2}" transform="rotate(-90 {left - 36} {top + height / 2})" '
+                     f'text-anchor="middle">{escape(y_label)}</text>')
+        for name, points in series.items():
+            coordinates = " ".join(f"{px:.1f},{py:.1f}" for px, py in (place(x, y) for x, y in points))
+            parts.append(f'<polyline points="{coordinates}" fill="none" stroke="{colours[name]}" stroke-width="2"/>')
+    for i, name in enumerate(names):
+        x, y = margin + i * 170, height + 2 * margin + 16
+        parts.append(f'<line x1="{x}" y1="{y - 4}" x2="{x + 24}" y2="{y - 4}" stroke="{colours[name]}" stroke-width="3"/>')
+        parts.append(f'<text x="{x + 30}" y="{y}">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,149 @@
+"""The bottleneck experiment: a fixed-vector RNN fails as sequences grow; attention does not.
+
+Trains three encoder-decoders with about the same number of parameters and the same
+budget of steps on copy and on reversal of sequences of length 1..32:
+    rnn             GRU encoder-decoder; the decoder sees only the encoder's last state
+    rnn-attention   the same with additive attention over all encoder states
+    transformer     the default model of train.py
+then decodes a held-out set and reports exact-match and token accuracy by source length.
+Writes results.json, results.md (tables) and accuracy_by_length.svg (a line chart).
+
+    python experiments/bottleneck.py            # the full run, about 12 minutes on 2 cores
+    python experiments/bottleneck.py --quick    # a tiny end-to-end run, seconds
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # train.py and models/ live one folder up
+
+import train  # noqa: E402
+from models import build_model  # noqa: E402
+from tinyattn.allocator import tune_allocator  # noqa: E402
+from tinyattn.tasks import SequenceTask  # noqa: E402
+from tinyattn.viz import line_chart_svg  # noqa: E402
+
+MODELS = ("rnn", "rnn-attention", "transformer")
+FULL = dict(steps=1200, max_len=32, eval_size=1024, bucket=4, width_search=range(16, 257, 2), transformer_width=64)
+QUICK = dict(steps=40, max_len=6, eval_size=64, bucket=2, width_search=range(8, 65, 2), transformer_width=16)
+
+
+def base_config(settings, task, seed):
+    config = dict(train.DEFAULTS, task=task, max_len=settings["max_len"], steps=settings["steps"], seed=seed,
+                  warmup=min(100, settings["steps"] // 4), d_model=settings["transformer_width"],
+                  d_ff=4 * settings["transformer_width"], eval_size=settings["eval_size"])
+    return config
+
+
+def matched_configs(settings, task, seed):
+    """One config per model; the RNNs' hidden sizes chosen so their parameter counts come
+    closest to the transformer's."""
+    vocab_size = SequenceTask(task, max_len=settings["max_len"]).vocab_size
+    transformer = dict(base_config(settings, task, seed), model="transformer")
+    target = build_model(transformer, vocab_size).num_parameters()
+    configs = {}
+    for name in ("rnn", "rnn-attention"):
+        candidates = [dict(transformer, model=name, d_model=width) for width in settings["width_search"]]
+        configs[name] = min(candidates, key=lambda c: abs(build_model(c, vocab_size).num_parameters() - target))
+    configs["transformer"] = transformer
+    return configs
+
+
+def train_and_evaluate(config, label):
+    run = train.Run(config)
+    start = time.perf_counter()
+    for _ in tqdm(range(config["steps"]), desc=label, unit="step", leave=False):
+        loss, *_ = run.train_step()
+    train_seconds = time.perf_counter() - start
+    held_out = run.task.eval_set(config["eval_size"], config["seed"], batch_size=512)
+    result = train.evaluate(run.model, run.task, held_out)
+    return {"model": config["model"], "task": config["task"], "parameters": run.model.num_parameters(),
+            "hidden_or_d_model": config["d_model"], "steps": run.step, "final_loss": loss,
+            "train_seconds": round(train_seconds, 1), "exact_match": result["exact_match"],
+            "token_accuracy": result["token_accuracy"], "by_length": result["by_length"]}
+
+
+def bucketed(by_length, bucket, key):
+    """(bucket midpoint label, mean of `key` weighted by sequences) for lengths grouped `bucket` at a time."""
+    groups = {}
+    for length, figures in by_length.items():
+        first = (int(length) - 1) // bucket * bucket + 1
+        groups.setdefault(first, []).append(figures)
+    rows = []
+    for first, members in sorted(groups.items()):
+        count = sum(m["sequences"] for m in members)
+        rows.append((f"{first}-{first + bucket - 1}", first + (bucket - 1) / 2,
+                     sum(m[key] * m["sequences"] for m in members) / count))
+    return rows
+
+
+def markdown(results, bucket):
+    lines = []
+    for task in sorted({r["task"] for r in results}):
+        runs = [r for r in results if r["task"] == task]
+        lines += [f"### {task}: exact-match by source length", "",
+                  "| length | " + " | ".join(f"{r['model']} ({r['parameters']:,} params)" for r in runs) + " |",
+                  "| --- | " + " | ".join("---" for _ in runs) + " |"]
+        columns = [bucketed(r["by_length"], bucket, "exact_match") for r in runs]
+        for row in zip(*columns):
+            lines.append(f"| {row[0][0]} | " + " | ".join(f"{value:.1%}" for _, _, value in row) + " |")
+        lines.append("| all | " + " | ".join(f"{r['exact_match']:.1%}" for r in runs) + " |")
+        lines.append("| token accuracy, all | " + " | ".join(f"{r['token_accuracy']:.1%}" for r in runs) + " |")
+        lines.append("| training seconds | " + " | ".join(f"{r['train_seconds']:.0f}" for r in runs) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(results, bucket):
+    panels = {}
+    for r in results:
+        points = [(middle, value) for _, middle, value in bucketed(r["by_length"], bucket, "exact_match")]
+        panels.setdefault(f"{r['task']}: exact-match by source length", {})[r["model"]] = points
+    return line_chart_svg(panels, "source length", "exact-match", title="Accuracy against length, held-out sequences")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models, lengths 1..6, 40 steps: an end-to-end check")
+    parser.add_argument("--steps", type=int, help="training steps per model (default 1200)")
+    parser.add_argument("--tasks", default="copy,reverse", help="comma-separated tasks (default copy,reverse)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data and held-out set (default 0)")
+    parser.add_argument("--out", default=os.path.join("experiments", "results", "bottleneck"), help="output folder")
+    args = parser.parse_args(argv)
+    settings = dict(QUICK if args.quick else FULL)
+    if args.steps is not None:
+        if args.steps <= 0:
+            parser.error(f"--steps must be positive, got {args.steps}")
+        settings["steps"] = args.steps
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    unknown = [task for task in tasks if task not in ("copy", "reverse", "sort")]
+    if unknown or not tasks:
+        parser.error(f"--tasks takes copy, reverse or sort, got {args.tasks!r}")
+    tune_allocator()
+    os.makedirs(args.out, exist_ok=True)
+    results, start = [], time.perf_counter()
+    for task in tasks:
+        for name, config in matched_configs(settings, task, args.seed).items():
+            result = train_and_evaluate(config, f"{task} {name}")
+            print(f"{task:8s} {name:14s} {result['parameters']:>9,} params  exact-match {result['exact_match']:6.1%}  "
+                  f"token accuracy {result['token_accuracy']:6.1%}  {result['train_seconds']:.0f} s", flush=True)
+            results.append(result)
+    summary = {"settings": {key: (list(value) if isinstance(value, range) else value) for key, value in settings.items()},
+               "tasks": tasks, "seed": args.seed, "total_seconds": round(time.perf_counter() - start, 1), "results": results}
+    with open(os.path.join(args.out, "results.json"), "w") as file:
+        json.dump(summary, file, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as file:
+        file.write(markdown(results, settings["bucket"]))
+    with open(os.path.join(args.out, "accuracy_by_length.svg"), "w") as file:
+        file.write(chart(results, settings["bucket"]))
+    print(markdown(results, settings["bucket"]))
+    print(f"total {summary['total_seconds']:.0f} s; wrote {args.out}/results.json, results.md, accuracy_by_length.svg")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""GRU cell, additive attention and the RNN encoder-decoders: values, gradients, masks, decoding."""
+import numpy as np
+import pytest
+
+import tinyattn as ta
+from models import build_model
+from tinyattn import nn
+from tinyattn.tasks import SequenceTask
+
+RNG = np.random.default_rng(11)
+
+
+def randn(*shape, grad=True):
+    return ta.tensor(RNG.standard_normal(shape), requires_grad=grad)
+
+
+def sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
+def test_gru_cell_follows_the_gru_equations(fused):
+    cell = nn.GRUCell(3, 4, generator=ta.Generator(0), dtype=ta.float64, fused=fused)
+    x, h = RNG.standard_normal((2, 3)), RNG.standard_normal((2, 4))
+    w_ih, w_hh, b_ih, b_hh = (p.numpy() for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh))
+    gx, gh = x @ w_ih.T + b_ih, h @ w_hh.T + b_hh
+    r, z = sigmoid(gx[:, :4] + gh[:, :4]), sigmoid(gx[:, 4:8] + gh[:, 4:8])
+    n = np.tanh(gx[:, 8:] + r * gh[:, 8:])
+    np.testing.assert_allclose(cell(ta.tensor(x), ta.tensor(h)).numpy(), (1 - z) * n + z * h, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
+def test_gru_cell_gradcheck(fused):
+    cell = nn.GRUCell(3, 4, generator=ta.Generator(1), dtype=ta.float64, fused=fused)
+    assert ta.gradcheck(lambda x, h, *ps: cell(x, h), [randn(2, 3), randn(2, 4), *cell.parameters()])
+
+
+def test_composed_gru_cell_differentiates_twice_and_fused_refuses():
+    composed = nn.GRUCell(2, 3, generator=ta.Generator(2), dtype=ta.float64, fused=False)
+    assert ta.gradgradcheck(lambda x, h: composed(x, h), [randn(2, 2), randn(2, 3)], fast=True)
+    fused = nn.GRUCell(2, 3, generator=ta.Generator(2), dtype=ta.float64)
+    x = randn(2, 2)
+    with pytest.raises(RuntimeError, match="first-order.*fused=False"):
+        ta.grad(fused(x, randn(2, 3)).sum(), x, create_graph=True)
+
+
+MASK = ta.tensor(np.array([[True, True, False, False], [True, True, True, True]]))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
+def test_additive_attention_values_and_gradcheck(fused):
+    attention = nn.AdditiveAttention(3, 5, 4, generator=ta.Generator(3), dtype=ta.float64, fused=fused)
+    query, keys = randn(2, 3), randn(2, 4, 5)
+    context, weights = attention(query, keys, mask=MASK)
+    w_q, w_k, b_k, v = (p.numpy() for p in (attention.query_proj.weight, attention.key_proj.weight,
+                                             attention.key_proj.bias, attention.score))
+    energy = np.tanh(keys.numpy() @ w_k.T + b_k + (query.numpy() @ w_q.T)[:, None, :])
+    scores = np.where(MASK.numpy(), energy @ v, -np.inf)
+    expected = np.exp(scores - scores.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-12, atol=1e-15)
+    assert np.all(weights.numpy()[0, 2:] == 0.0)
+    np.testing.assert_allclose(context.numpy(), np.einsum("bs,bsk->bk", expected, keys.numpy()), rtol=1e-12)
+    assert ta.gradcheck(lambda q, k, *ps: attention(q, k, mask=MASK)[0], [query, keys, *attention.parameters()])
+
+
+def assert_same_values_and_gradients(fused, composed, inputs):
+    results = []
+    for layer in (fused, composed):
+        out = layer(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        results.append([out.numpy()] + [g.numpy() for g in ta.grad(out.sum(), inputs + layer.parameters())])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_and_composed_gru_cells_agree():
+    fused, composed = (nn.GRUCell(3, 4, generator=ta.Generator(5), dtype=ta.float64, fused=flag) for flag in (True, False))
+    assert_same_values_and_gradients(fused, composed, [randn(2, 3), randn(2, 4)])
+
+
+def test_fused_and_composed_additive_attention_agree():
+    fused, composed = (nn.AdditiveAttention(4, 4, 6, generator=ta.Generator(6), dtype=ta.float64, fused=flag)
+                       for flag in (True, False))
+    assert_same_values_and_gradients(fused, composed, [randn(2, 4), randn(2, 3, 4)])
+
+
+def test_fully_masked_query_gets_zero_context():
+    attention = nn.AdditiveAttention(3, 5, 4, generator=ta.Generator(7), dtype=ta.float64)
+    context, weights = attention(randn(1, 3), randn(1, 2, 5), mask=ta.tensor(np.array([[False, False]])))
+    assert np.all(context.numpy() == 0.0) and np.all(weights.numpy() == 0.0)
+
+
+def test_run_gru_carries_the_state_over_padding():
+    cell = nn.GRUCell(2, 3, generator=ta.Generator(8), dtype=ta.float64)
+    inputs = [randn(2, 2, grad=False) for _ in range(4)]
+    mask = ta.tensor(np.array([[True, True, False, False], [True, True, True, True]]))
+    states, last = nn.run_gru(cell, inputs, mask)
+    assert states.shape == (2, 4, 3)
+    short, _ = nn.run_gru(cell, [x[:1] for x in inputs[:2]])
+    np.testing.assert_allclose(last.numpy()[0], short.numpy()[0, -1], rtol=1e-12)
+    np.testing.assert_array_equal(states.numpy()[0, 3], states.numpy()[0, 1])
+
+
+TASK = SequenceTask("reverse", vocab=5, min_len=1, max_len=5)
+
+
+@pytest.mark.parametrize("name", ["rnn", "rnn-attention"])
+def test_rnn_models_train_shapes_and_decode(name):
+    model = build_model(dict(model=name, d_model=12, heads=4, layers=1, d_ff=8, dropout=0.0, seed=0, max_len=5),
+                        TASK.vocab_size)
+    batch = next(TASK.batches(6, seed=0))
+    logits, labels = model.forward_batch(batch)
+    assert logits.shape == labels.shape + (TASK.vocab_size,)
+    rows, maps = model.greedy_decode(batch.source, 6, need_weights=True)
+    assert rows == model.greedy_decode(batch.source, 6, use_cache=False)[0]
+    if name == "rnn":
+        assert maps is None
+    else:
+        for row, source, attention in zip(rows, batch.sources, maps):
+            assert attention.shape == (1, 1, len(row), len(source))
+            np.testing.assert_allclose(attention.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+def test_rnn_attention_gradcheck_of_a_whole_tiny_model():
+    model = build_model(dict(model="rnn-attention", d_model=4, heads=1, layers=1, d_ff=4, dropout=0.0, seed=1, max_len=3),
+                        TASK.vocab_size)
+    for p in model.parameters():
+        p.data = p.data.astype(np.float64)
+    batch = TASK.make_batch([[4, 5, 6], [7, 8]])
+    params = model.parameters()
+    assert ta.gradcheck(lambda *ps: model(batch.source, batch.decoder_input), params, fast=True)
