@@ -77,7 +77,7 @@ def attention_svg(maps, row_labels, column_labels, title="cross-attention"):
     n_rows, n_columns = len(row_labels), len(column_labels)
     panel_width, panel_height = n_columns * cell, n_rows * cell
     layers, heads = len(maps), len(maps[0])
-    width = margin + heads * (panel_width + gap + margin)
+    width = max(margin + heads * (panel_width + gap + margin), 440)  # room for the title
     height = margin + 20 + layers * (panel_height + gap + margin)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="Helvetica" font-size="10">',
              f'<text x="{margin}" y="20" font-size="14">{escape(title)}: rows are outputs, columns are inputs</text>']
