@@ -45,7 +45,6 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser():
     parser = OneLineParser(prog="train.py", description=__doc__.splitlines()[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
-    add = parser.add_argument
     task = parser.add_argument_group("task")
     task.add_argument("--task", choices=sorted(TASKS), help="copy, reverse or sort random sequences (default reverse)")
     task.add_argument("--vocab", type=int, help="number of symbols (default 10)")
