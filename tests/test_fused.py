@@ -181,3 +181,42 @@ def test_residual_added_inside_the_fused_feed_forward_block():
     x, skip = randn(2, 3, 6), randn(2, 3, 6)
     np.testing.assert_allclose(fused(x, residual=skip).numpy(), composed(x).numpy() + skip.numpy(), rtol=1e-12)
     assert ta.gradcheck(lambda x, skip, *ps: fused(x, residual=skip), [x, skip, *fused.parameters()])
+
+
+@pytest.mark.parametrize("layer_class", [nn.EncoderLayer, nn.DecoderLayer])
+def test_whole_layers_fused_equal_composed_with_norms_folded_and_residuals_inside(layer_class):
+    """Norm scale and shift folded into the projections, residuals added inside the blocks:
+    every value and every gradient must match the layer built from composed ops."""
+    fused, composed = (layer_class(8, 2, 12, generator=ta.Generator(9), dtype=ta.float64, fused=flag) for flag in (True, False))
+    for layer in (fused, composed):  # norms away from their initial 1 and 0, so that folding matters
+        for name, p in layer.named_parameters():
+            if "norm" in name:
+                p.data[...] = RNG.standard_normal(p.shape)
+        composed.load_state_dict(fused.state_dict())
+    x, memory = randn(2, 4, 8), randn(2, 5, 8)
+    mask = ta.tensor(np.array([[True] * 5, [True, True, True, False, False]]))[:, None, None, :]
+    args = (x, memory) if layer_class is nn.DecoderLayer else (x,)
+    kwargs = dict(memory_mask=mask) if layer_class is nn.DecoderLayer else dict(mask=mask[:, :, :, :4])
+    upstream = RNG.standard_normal((2, 4, 8))
+    results = []
+    for layer in (fused, composed):
+        out = layer(*args, **kwargs)[0]
+        grads = ta.grad(out, [*args, *layer.parameters()], grad_outputs=upstream)
+        results.append([out.numpy()] + [g.numpy() for g in grads])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+    assert ta.gradcheck(lambda *inputs: fused(*inputs[:len(args)], **kwargs)[0], [*args, *fused.parameters()], fast=True)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_attention_block_with_a_folded_norm_equals_norm_then_block(cross):
+    fused, composed = twin_attention_layers()
+    norm = nn.LayerNorm(8, dtype=ta.float64)
+    norm.weight.data[...], norm.bias.data[...] = RNG.standard_normal(8), RNG.standard_normal(8)
+    x, context = randn(2, 4, 8), randn(2, 5, 8)
+    context_arg = context if cross else None
+    folded = fused(x, context=context_arg, norm=norm, residual=x)[0]
+    expected = x.numpy() + composed(norm(x), context=context_arg)[0].numpy()
+    np.testing.assert_allclose(folded.numpy(), expected, rtol=1e-10)
+    params = [x, context, norm.weight, norm.bias, *fused.parameters()]
+    assert ta.gradcheck(lambda x, c, *ps: fused(x, context=c if cross else None, norm=norm, residual=x)[0], params, fast=True)

@@ -46,6 +46,56 @@ def row_max(xp, a2):
     return top[:, None]
 
 
+# --- layer norm pieces, also folded into the blocks that follow a norm -------------------------
+
+def normalize_rows(xp, rows, eps):
+    """Each row of a 2-D array minus its mean, over its standard deviation; returns
+    (normalized, 1/std as an (N, 1) column). Row statistics are GEMVs (see row_sum)."""
+    dim = rows.shape[-1]
+    ones_over_dim = xp.full(dim, 1.0 / dim, dtype=rows.dtype)
+    centered = rows - matmul(rows, ones_over_dim)[:, None]
+    variance = matmul(centered * centered, ones_over_dim)
+    inverse_std = (1.0 / xp.sqrt(variance + eps))[:, None]
+    centered *= inverse_std
+    return centered, inverse_std
+
+
+def normalize_rows_backward(xp, grad, normalized, inverse_std, weight=None, grad_times_normalized=None):
+    """The gradient of the rows, given the gradient of `normalized * weight` (weight None:
+    of `normalized`, and then `grad` is overwritten). `grad_times_normalized` (g * n, if
+    the caller has it) is overwritten too.
+
+    dx = rstd * (g*w - mean(g*w) - n * mean(g*w*n)); both means are GEMVs with w / d.
+    """
+    dim = normalized.shape[-1]
+    means_with = xp.full(dim, 1.0 / dim, dtype=grad.dtype) if weight is None else weight * (1.0 / dim)
+    if grad_times_normalized is None:
+        grad_times_normalized = grad * normalized
+    mean_gw = matmul(grad, means_with)[:, None]
+    mean_gwn = matmul(grad_times_normalized, means_with)[:, None]
+    grad_rows = grad if weight is None else grad * weight
+    grad_rows -= mean_gw
+    xp.multiply(normalized, mean_gwn, out=grad_times_normalized)
+    grad_rows -= grad_times_normalized
+    grad_rows *= inverse_std
+    return grad_rows
+
+
+def fold_norm(weight, bias, norm_weight, norm_bias):
+    """A projection (W, b) applied to norm_weight * n + norm_bias is the projection
+    (W * norm_weight, b + W norm_bias) applied to n: the norm's scale and shift move into
+    the small weight matrix, and the big activations skip two passes."""
+    return weight * norm_weight, bias + matmul(weight, norm_bias)
+
+
+def unfold_norm_grads(weight, norm_weight, norm_bias, grad_folded_weight, grad_folded_bias):
+    """Gradients of (W, b, norm_weight, norm_bias) from those of fold_norm's (W', b');
+    W reaches both W' = W * norm_weight and b' = b + W norm_bias."""
+    grad_weight = grad_folded_weight * norm_weight
+    grad_weight += grad_folded_bias[:, None] * norm_bias
+    return (grad_weight, grad_folded_bias, (grad_folded_weight * weight).sum(axis=0), matmul(grad_folded_bias, weight))
+
+
 # --- attention kernels shared by FusedAttention and FusedMultiHeadAttention ------------------
 
 def additive_mask(xp, allowed, dtype):
@@ -163,35 +213,44 @@ class FusedMultiHeadAttention(Function):
     """A whole multi-head attention block, projections included, as one Function.
 
     Inputs: x, then context for cross-attention, then Wq, bq, Wk, bk, Wv, bv, Wo, bo,
-    then the residual to add to the output when with_residual.
-    Self-attention projects q, k and v in one GEMM with the stacked weights;
-    cross-attention projects k and v of the context in one GEMM. Splitting into heads
-    copies once (and scales q by 1/sqrt(d) on the way); merging the gradients writes
-    straight into the stacked layout the weight gradients need.
+    then the weight and bias of the LayerNorm applied to x first when norm_eps is given
+    (folded into the projections of x: see fold_norm). add_input adds x to the output
+    (the residual connection). Self-attention projects q, k and v in one GEMM with the
+    stacked weights; cross-attention projects k and v of the context in one GEMM.
+    Splitting into heads copies once (and scales q by 1/sqrt(d) on the way); merging
+    the gradients writes straight into the stacked layout the weight gradients need.
     Twin: MultiHeadAttention(fused=False), which composes Linear layers and engine ops.
     """
 
-    def forward(self, *arrays, heads, cross, with_residual, allowed, keep_scale, weights_sink):
+    def forward(self, *arrays, heads, cross, norm_eps, add_input, allowed, keep_scale, weights_sink):
         xp = self.xp
-        self.cross, self.with_residual = cross, with_residual
+        self.cross, self.norm, self.add_input = cross, norm_eps is not None, add_input
         x, context = arrays[0], (arrays[1] if cross else arrays[0])
         first_weight = 2 if cross else 1
         wq, bq, wk, bk, wv, bv, wo, bo = arrays[first_weight:first_weight + 8]
         batch, length, d_model = x.shape
         source_length = context.shape[1]
-        x2, c2 = x.reshape(-1, d_model), context.reshape(-1, d_model)
-        if self.cross:
-            self.w_in = (wq, xp.concatenate([wk, wv]))
-            q2 = matmul(x2, wq.T)
-            q2 += bq
-            kv2 = matmul(c2, self.w_in[1].T)
-            kv2 += xp.concatenate([bk, bv])
-            k2, v2 = kv2[:, :d_model], kv2[:, d_model:]
+        x2 = x.reshape(-1, d_model)
+        # The rows the x-side projection reads, and that projection's weights (stacked q, k, v
+        # for self-attention, q alone for cross-attention), with a leading norm folded in.
+        self.w_x = wq if cross else xp.concatenate([wq, wk, wv])
+        b_x = bq if cross else xp.concatenate([bq, bk, bv])
+        if self.norm:
+            rows, self.inverse_std = normalize_rows(xp, x2, norm_eps)
+            self.w_x_used, b_x = fold_norm(self.w_x, b_x, *arrays[first_weight + 8:first_weight + 10])
         else:
-            self.w_in = (xp.concatenate([wq, wk, wv]),)
-            qkv2 = matmul(x2, self.w_in[0].T)
-            qkv2 += xp.concatenate([bq, bk, bv])
-            q2, k2, v2 = qkv2[:, :d_model], qkv2[:, d_model:2 * d_model], qkv2[:, 2 * d_model:]
+            rows, self.w_x_used = x2, self.w_x
+        projected = matmul(rows, self.w_x_used.T)
+        projected += b_x
+        if cross:
+            c2 = context.reshape(-1, d_model)
+            self.w_kv = xp.concatenate([wk, wv])
+            kv2 = matmul(c2, self.w_kv.T)
+            kv2 += xp.concatenate([bk, bv])
+            q2, k2, v2 = projected, kv2[:, :d_model], kv2[:, d_model:]
+        else:
+            c2 = rows
+            q2, k2, v2 = projected[:, :d_model], projected[:, d_model:2 * d_model], projected[:, 2 * d_model:]
         self.scale = 1.0 / math.sqrt(d_model // heads)
         q_scaled = _split_heads(xp, q2, batch, length, heads, scale=self.scale)
         k_t = _split_heads(xp, k2, batch, source_length, heads, key_major=True)
@@ -202,17 +261,17 @@ class FusedMultiHeadAttention(Function):
         _merge_heads_into(xp, out, merged)
         y = matmul(merged, wo.T)
         y += bo
-        if with_residual:
-            y += arrays[-1].reshape(y.shape)
+        if add_input:
+            y += x2
         if weights_sink is not None:
             weights_sink.append(weights)
-        self.saved = (x2, c2, q_scaled, k_t, v, weights, attended, merged, keep_scale, wo)
+        self.saved = (rows, c2, q_scaled, k_t, v, weights, attended, merged, keep_scale, wo)
         return y.reshape(batch, length, d_model)
 
     def backward(self, grad):
         refuse_create_graph("fused multi-head attention", "MultiHeadAttention(..., fused=False)")
         xp = self.xp
-        x2, c2, q_scaled, k_t, v, weights, attended, merged, keep_scale, wo = self.saved
+        rows, c2, q_scaled, k_t, v, weights, attended, merged, keep_scale, wo = self.saved
         g2 = grad.data.reshape(merged.shape)
         grad_wo, grad_bo = matmul(g2.T, merged), column_sum(xp, g2)
         batch, heads, length, _ = q_scaled.shape
@@ -220,52 +279,63 @@ class FusedMultiHeadAttention(Function):
         grad_out = _split_heads(xp, matmul(g2, wo), batch, length, heads)
         grad_q_scaled, grad_k, grad_v = attention_backward(xp, grad_out, q_scaled, k_t, v, weights, attended, keep_scale)
         # Gradients of q, k and v land side by side, as the stacked projection produced them.
-        grad_q = xp.empty((x2.shape[0], d_model), dtype=x2.dtype)
-        grad_kv = xp.empty((c2.shape[0], 2 * d_model), dtype=x2.dtype)
-        grad_qkv = None if self.cross else xp.empty((x2.shape[0], 3 * d_model), dtype=x2.dtype)
-        if grad_qkv is not None:
-            grad_q, grad_kv = grad_qkv[:, :d_model], grad_qkv[:, d_model:]
-        _merge_heads_into(xp, grad_q_scaled, grad_q, scale=self.scale)
+        grad_projected = xp.empty((rows.shape[0], d_model if self.cross else 3 * d_model), dtype=rows.dtype)
+        grad_kv = xp.empty((c2.shape[0], 2 * d_model), dtype=rows.dtype) if self.cross else grad_projected[:, d_model:]
+        _merge_heads_into(xp, grad_q_scaled, grad_projected[:, :d_model], scale=self.scale)
         _merge_heads_into(xp, grad_k, grad_kv[:, :d_model])
         _merge_heads_into(xp, grad_v, grad_kv[:, d_model:])
+        grad_rows = matmul(grad_projected, self.w_x_used)
+        grad_w_x, grad_b_x = matmul(grad_projected.T, rows), column_sum(xp, grad_projected)
+        norm_grads = ()
+        if self.norm:
+            norm_weight, norm_bias = (t.data for t in self.inputs[-2:])
+            grad_w_x, grad_b_x, *norm_grads = unfold_norm_grads(self.w_x, norm_weight, norm_bias, grad_w_x, grad_b_x)
+            grad_rows = normalize_rows_backward(xp, grad_rows, rows, self.inverse_std)
+        if self.add_input:
+            grad_rows += g2
+        leading = [grad_rows]
         if self.cross:
-            grad_x, grad_context = matmul(grad_q, self.w_in[0]), matmul(grad_kv, self.w_in[1])
-            grad_w_in = xp.concatenate([matmul(grad_q.T, x2), matmul(grad_kv.T, c2)])
-            grad_b_in = xp.concatenate([column_sum(xp, grad_q), column_sum(xp, grad_kv)])
-            leading = (grad_x, grad_context)
+            leading.append(matmul(grad_kv, self.w_kv))
+            grad_w_in = xp.concatenate([grad_w_x, matmul(grad_kv.T, c2)])
+            grad_b_in = xp.concatenate([grad_b_x, column_sum(xp, grad_kv)])
         else:
-            grad_x = matmul(grad_qkv, self.w_in[0])
-            grad_w_in, grad_b_in = matmul(grad_qkv.T, x2), column_sum(xp, grad_qkv)
-            leading = (grad_x,)
+            grad_w_in, grad_b_in = grad_w_x, grad_b_x
         weight_grads = []
         for part in range(3):
-            rows = slice(part * d_model, (part + 1) * d_model)
-            weight_grads += [grad_w_in[rows], grad_b_in[rows]]
+            part_rows = slice(part * d_model, (part + 1) * d_model)
+            weight_grads += [grad_w_in[part_rows], grad_b_in[part_rows]]
         shaped = [g.reshape(t.shape) for g, t in zip(leading, self.inputs)]
-        residual = (grad.data,) if self.with_residual else ()
-        return tuple(constant(g) for g in (*shaped, *weight_grads, grad_wo, grad_bo, *residual))
+        return tuple(constant(g) for g in (*shaped, *weight_grads, grad_wo, grad_bo, *norm_grads))
 
 
 class FusedFeedForward(Function):
-    """Linear, ReLU, (dropout,) Linear as one Function, the ReLU done in place.
+    """[LayerNorm,] Linear, ReLU, (dropout,) Linear [, + x] as one Function, the ReLU in place.
 
-    Inputs x, W1, b1, W2, b2, and the residual to add to the output when there are six;
-    keep_scale is the dropout mask (scaled by 1/(1-p)) or None.
-    Twin: nn.FeedForward(..., fused=False), which composes Linear, ReLU and Dropout.
+    Inputs x, W1, b1, W2, b2, and the norm's weight and bias when norm_eps is given (the
+    norm's scale and shift are folded into W1, b1: see fold_norm). add_input adds x to
+    the output (the residual connection); keep_scale is the dropout mask or None.
+    Twin: nn.FeedForward(..., fused=False) after the LayerNorm module, composed from ops.
     """
 
-    def forward(self, x, w1, b1, w2, b2, residual=None, keep_scale=None):
+    def forward(self, x, w1, b1, w2, b2, *norm_parameters, norm_eps=None, add_input=False, keep_scale=None):
         xp = self.xp
         rows = x.reshape(-1, x.shape[-1])
-        hidden = matmul(rows, w1.T)
+        self.norm = norm_eps is not None
+        if self.norm:
+            inputs, self.inverse_std = normalize_rows(xp, rows, norm_eps)
+            w1, b1 = fold_norm(w1, b1, *norm_parameters)
+        else:
+            inputs = rows
+        hidden = matmul(inputs, w1.T)
         hidden += b1
         xp.maximum(hidden, 0, out=hidden)
         dropped = hidden * keep_scale.reshape(hidden.shape) if keep_scale is not None else hidden
         out = matmul(dropped, w2.T)
         out += b2
-        if residual is not None:
-            out += residual.reshape(out.shape)
-        self.rows, self.hidden, self.dropped, self.keep_scale = rows, hidden, dropped, keep_scale
+        if add_input:
+            out += rows
+        self.add_input, self.w1_used = add_input, w1
+        self.inputs_used, self.hidden, self.dropped, self.keep_scale = inputs, hidden, dropped, keep_scale
         return out.reshape(x.shape[:-1] + (w2.shape[0],))
 
     def backward(self, grad):
@@ -278,10 +348,16 @@ class FusedFeedForward(Function):
         if self.keep_scale is not None:
             grad_hidden *= self.keep_scale.reshape(grad_hidden.shape)
         grad_hidden *= self.hidden > 0  # ReLU passes gradient only where its input was positive
-        grad_w1, grad_b1 = matmul(grad_hidden.T, self.rows), column_sum(xp, grad_hidden)
-        grad_x = matmul(grad_hidden, w1).reshape(x.shape)
-        residual = (grad.data,) if len(self.inputs) == 6 else ()
-        return tuple(constant(g) for g in (grad_x, grad_w1, grad_b1, grad_w2, grad_b2, *residual))
+        grad_w1, grad_b1 = matmul(grad_hidden.T, self.inputs_used), column_sum(xp, grad_hidden)
+        grad_x = matmul(grad_hidden, self.w1_used)
+        norm_grads = ()
+        if self.norm:
+            grad_w1, grad_b1, *norm_grads = unfold_norm_grads(w1, self.inputs[5].data, self.inputs[6].data, grad_w1, grad_b1)
+            grad_x = normalize_rows_backward(xp, grad_x, self.inputs_used, self.inverse_std)
+        if self.add_input:
+            grad_x += g2
+        grads = (grad_x.reshape(x.shape), grad_w1, grad_b1, grad_w2, grad_b2, *norm_grads)
+        return tuple(constant(g) for g in grads)
 
 
 class FusedLayerNorm(Function):
@@ -293,35 +369,18 @@ class FusedLayerNorm(Function):
     """
 
     def forward(self, x, weight, bias, eps):
-        xp = self.xp
-        dim = x.shape[-1]
-        rows = x.reshape(-1, dim)
-        ones_over_dim = xp.full(dim, 1.0 / dim, dtype=x.dtype)
-        centered = rows - matmul(rows, ones_over_dim)[:, None]
-        variance = matmul(centered * centered, ones_over_dim)
-        self.inverse_std = (1.0 / xp.sqrt(variance + eps))[:, None]
-        centered *= self.inverse_std
-        self.normalized = centered
-        out = centered * weight
+        self.normalized, self.inverse_std = normalize_rows(self.xp, x.reshape(-1, x.shape[-1]), eps)
+        out = self.normalized * weight
         out += bias
         return out.reshape(x.shape)
 
     def backward(self, grad):
         refuse_create_graph("fused layer norm", "layer_norm(..., fused=False)")
         xp = self.xp
-        weight, normalized = self.inputs[1].data, self.normalized
-        dim = normalized.shape[-1]
-        g = grad.data.reshape(normalized.shape)
-        g_times_n = g * normalized
+        g = grad.data.reshape(self.normalized.shape)
+        g_times_n = g * self.normalized
         grad_weight, grad_bias = column_sum(xp, g_times_n), column_sum(xp, g)
-        # dx = rstd * (g*w - mean(g*w) - n * mean(g*w*n)); both means are GEMVs with w.
-        mean_gw = matmul(g, weight * (1.0 / dim))[:, None]
-        mean_gwn = matmul(g_times_n, weight * (1.0 / dim))[:, None]
-        grad_x = g * weight
-        grad_x -= mean_gw
-        xp.multiply(normalized, mean_gwn, out=g_times_n)
-        grad_x -= g_times_n
-        grad_x *= self.inverse_std
+        grad_x = normalize_rows_backward(xp, g, self.normalized, self.inverse_std, self.inputs[1].data, g_times_n)
         return constant(grad_x.reshape(grad.shape)), constant(grad_weight), constant(grad_bias)
 
 

@@ -60,9 +60,10 @@ class MultiHeadAttention(Module):
             cache["k"], cache["v"] = k, v
         return k, v
 
-    def forward(self, x, context=None, mask=None, causal=False, need_weights=False, cache=None, residual=None):
-        """residual: a tensor shaped like x to add to the output (a transformer's skip connection);
-        the fused block adds it in place, saving an op and an array."""
+    def forward(self, x, context=None, mask=None, causal=False, need_weights=False, cache=None, residual=None, norm=None):
+        """residual: a tensor shaped like x to add to the output (a transformer's skip connection).
+        norm: a LayerNorm to apply to x first (pre-LN). The fused block adds a residual that
+        is x in place and folds the norm's scale and shift into its projections."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MultiHeadAttention expects input of shape (batch, length, {self.d_model}), got {x.shape}")
         if context is not None and (context.ndim != 3 or context.shape[-1] != self.d_model or context.shape[0] != x.shape[0]):
@@ -70,9 +71,10 @@ class MultiHeadAttention(Module):
         dropout_p = self.dropout if self.training else 0.0
         weights_need_grad = need_weights and is_grad_enabled()
         if self.fused and cache is None and self.q_proj.bias is not None and not weights_need_grad:
-            return self._fused_block(x, context, mask, causal, dropout_p, need_weights, residual)
-        q = self._split_heads(self.q_proj(x))
-        k, v = self._keys_and_values(x, context, cache)
+            return self._fused_block(x, context, mask, causal, dropout_p, need_weights, residual, norm)
+        x_in = x if norm is None else norm(x)
+        q = self._split_heads(self.q_proj(x_in))
+        k, v = self._keys_and_values(x_in, context, cache)
         result = F.scaled_dot_product_attention(
             q, k, v, mask=mask, causal=causal, dropout_p=dropout_p,
             return_weights=need_weights, generator=self.generator, fused=self.fused)
@@ -81,17 +83,22 @@ class MultiHeadAttention(Module):
         out = self.out_proj(out.swapaxes(1, 2).reshape(batch, length, self.d_model))
         return (out if residual is None else residual + out), weights
 
-    def _fused_block(self, x, context, mask, causal, dropout_p, need_weights, residual):
+    def _fused_block(self, x, context, mask, causal, dropout_p, need_weights, residual, norm):
         source_length = x.shape[1] if context is None else context.shape[1]
         allowed = F.attention_mask(mask, causal, x.shape[1], source_length, x)
         weights_shape = (x.shape[0], self.n_heads, x.shape[1], source_length)
         keep_scale = F.dropout_mask(weights_shape, dropout_p, self.generator, x).data if dropout_p else None
         weights_sink = [] if need_weights else None
         params = [p for linear in (self.q_proj, self.k_proj, self.v_proj, self.out_proj) for p in (linear.weight, linear.bias)]
-        inputs = [x] + ([] if context is None else [context]) + params + ([] if residual is None else [residual])
+        fold = norm is not None and norm.fused
+        x_in = x if norm is None or fold else norm(x)
+        add_input = residual is not None and residual is x_in
+        inputs = [x_in] + ([] if context is None else [context]) + params + ([norm.weight, norm.bias] if fold else [])
         out = FusedMultiHeadAttention.apply(*inputs, heads=self.n_heads, cross=context is not None,
-                                            with_residual=residual is not None, allowed=allowed,
+                                            norm_eps=norm.eps if fold else None, add_input=add_input, allowed=allowed,
                                             keep_scale=keep_scale, weights_sink=weights_sink)
+        if residual is not None and not add_input:
+            out = residual + out
         return out, (F.constant(weights_sink[0]) if need_weights else None)
 
     def extra_repr(self):

@@ -71,16 +71,23 @@ class FeedForward(Module):
         self.linear2 = Linear(d_ff, d_model, generator=generator, device=device, dtype=dtype)
         self.fused = fused and activation == "relu"
 
-    def forward(self, x, residual=None):
-        """residual: a tensor shaped like x to add to the output (the fused block adds it in place)."""
+    def forward(self, x, residual=None, norm=None):
+        """residual: a tensor shaped like x to add to the output; norm: a LayerNorm to apply
+        to x first. The fused block adds a residual that is x in place and folds the norm's
+        scale and shift into linear1."""
+        fold = self.fused and norm is not None and norm.fused
+        x_in = x if norm is None or fold else norm(x)
         if not self.fused:
-            out = self.linear2(self.dropout(self.activation(self.linear1(x))))
+            out = self.linear2(self.dropout(self.activation(self.linear1(x_in))))
             return out if residual is None else residual + out
         active = self.dropout.training and self.dropout.p > 0
         hidden_shape = x.shape[:-1] + (self.linear1.out_features,)
         keep_scale = F.dropout_mask(hidden_shape, self.dropout.p, self.dropout.generator, x).data if active else None
-        weights = (self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
-        return FusedFeedForward.apply(x, *weights, *([] if residual is None else [residual]), keep_scale=keep_scale)
+        weights = [self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias]
+        add_input = residual is not None and residual is x_in
+        out = FusedFeedForward.apply(x_in, *weights, *([norm.weight, norm.bias] if fold else []),
+                                     norm_eps=norm.eps if fold else None, add_input=add_input, keep_scale=keep_scale)
+        return out if residual is None or add_input else residual + out
 
 
 class EncoderLayer(Module):
@@ -107,10 +114,10 @@ class EncoderLayer(Module):
     def forward(self, x, mask=None, need_weights=False, causal=False, cache=None):
         """causal=True makes it a decoder-only (GPT) block; cache: a dict for step-by-step decoding."""
         fold = not self._dropout_active()  # without dropout, each sublayer adds the residual itself
-        attended, weights = self.self_attn(self.norm1(x), mask=mask, causal=causal, need_weights=need_weights,
-                                           cache=cache, residual=x if fold else None)
+        attended, weights = self.self_attn(x, mask=mask, causal=causal, need_weights=need_weights, cache=cache,
+                                           residual=x if fold else None, norm=self.norm1)
         x = attended if fold else self._add(x, attended)
-        out = self.feed_forward(self.norm2(x), residual=x if fold else None)
+        out = self.feed_forward(x, residual=x if fold else None, norm=self.norm2)
         return (out if fold else self._add(x, out)), weights
 
 
@@ -131,13 +138,13 @@ class DecoderLayer(EncoderLayer):
         """cache: {'self': {}, 'cross': {}} to decode one step at a time (see MultiHeadAttention)."""
         self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
         fold = not self._dropout_active()
-        attended, self_weights = self.self_attn(self.norm1(x), mask=self_mask, causal=True, need_weights=need_weights,
-                                                cache=self_cache, residual=x if fold else None)
+        attended, self_weights = self.self_attn(x, mask=self_mask, causal=True, need_weights=need_weights,
+                                                cache=self_cache, residual=x if fold else None, norm=self.norm1)
         x = attended if fold else self._add(x, attended)
-        attended, cross_weights = self.cross_attn(self.cross_norm(x), context=memory, mask=memory_mask,
-                                                  need_weights=need_weights, cache=cross_cache, residual=x if fold else None)
+        attended, cross_weights = self.cross_attn(x, context=memory, mask=memory_mask, need_weights=need_weights,
+                                                  cache=cross_cache, residual=x if fold else None, norm=self.cross_norm)
         x = attended if fold else self._add(x, attended)
-        out = self.feed_forward(self.norm2(x), residual=x if fold else None)
+        out = self.feed_forward(x, residual=x if fold else None, norm=self.norm2)
         return (out if fold else self._add(x, out)), ({"self": self_weights, "cross": cross_weights} if need_weights else None)
 
 
