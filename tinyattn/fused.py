@@ -19,6 +19,7 @@ from .ops import constant
 
 MASKED_SCORE = -1e9  # exp(MASKED_SCORE - max) is exactly 0 in float32 and float64
 UNDERFLOW_GUARD = 1e-30  # a softmax row sum below this means its terms underflowed
+EXP_SAFE = 60.0  # exp(60) * a few hundred terms stays far below float32's largest value
 
 
 def refuse_create_graph(name, twin):
@@ -121,7 +122,9 @@ def attention_forward(xp, q_scaled, k_t, v, mask_bias, keep_scale):
     sum; that is rare, and then every row is recomputed with its own maximum.
     """
     scores = _scores(q_scaled, k_t, mask_bias)
-    scores -= scores.max()
+    top = float(scores.max())
+    if top > EXP_SAFE:  # below it exp cannot overflow, and the pass is saved
+        scores -= top
     weights = xp.exp(scores, out=scores)
     sums = row_sum(xp, weights)
     if bool((sums < UNDERFLOW_GUARD).any()):
@@ -185,28 +188,16 @@ class FusedAttention(Function):
         return constant(grad_q_scaled), constant(grad_k), constant(grad_v)
 
 
-def _split_heads(xp, a2, batch, length, heads, key_major=False, scale=None):
-    """(B*L, heads*d) rows -> a new contiguous (B, heads, L, d), or (B, heads, d, L) for keys,
-    times `scale` when given (in the same pass as the copy)."""
+def _split_heads(xp, a2, batch, length, heads, key_major=False):
+    """(B*L, heads*d) rows -> a new contiguous (B, heads, L, d), or (B, heads, d, L) for keys."""
     a = a2.reshape(batch, length, heads, -1)
-    view = a.transpose(0, 2, 3, 1) if key_major else a.transpose(0, 2, 1, 3)
-    out = xp.empty(view.shape, dtype=a2.dtype)
-    if scale is None:
-        out[...] = view
-    else:
-        xp.multiply(view, scale, out=out)
-    return out
+    return xp.ascontiguousarray(a.transpose(0, 2, 3, 1) if key_major else a.transpose(0, 2, 1, 3))
 
 
-def _merge_heads_into(xp, a, destination, scale=None):
+def _merge_heads_into(a, destination):
     """Write (B, heads, L, d) into the (B*L, heads*d) rows of `destination` (a column slice is fine)."""
     batch, heads, length, dim = a.shape
-    target = destination.reshape(batch, length, heads, dim)
-    view = a.transpose(0, 2, 1, 3)
-    if scale is None:
-        target[...] = view
-    else:
-        xp.multiply(view, scale, out=target)
+    destination.reshape(batch, length, heads, dim)[...] = a.transpose(0, 2, 1, 3)
 
 
 class FusedMultiHeadAttention(Function):
@@ -217,8 +208,9 @@ class FusedMultiHeadAttention(Function):
     (folded into the projections of x: see fold_norm). add_input adds x to the output
     (the residual connection). Self-attention projects q, k and v in one GEMM with the
     stacked weights; cross-attention projects k and v of the context in one GEMM.
-    Splitting into heads copies once (and scales q by 1/sqrt(d) on the way); merging
-    the gradients writes straight into the stacked layout the weight gradients need.
+    1/sqrt(d) is folded into the q rows of the projection; splitting into heads copies
+    once, and merging the gradients writes straight into the stacked layout the weight
+    gradients need.
     Twin: MultiHeadAttention(fused=False), which composes Linear layers and engine ops.
     """
 
@@ -237,9 +229,14 @@ class FusedMultiHeadAttention(Function):
         b_x = bq if cross else xp.concatenate([bq, bk, bv])
         if self.norm:
             rows, self.inverse_std = normalize_rows(xp, x2, norm_eps)
-            self.w_x_used, b_x = fold_norm(self.w_x, b_x, *arrays[first_weight + 8:first_weight + 10])
+            w_x_used, b_x = fold_norm(self.w_x, b_x, *arrays[first_weight + 8:first_weight + 10])
         else:
-            rows, self.w_x_used = x2, self.w_x
+            rows, w_x_used = x2, self.w_x
+        # 1/sqrt(d) goes into the q rows of the small weight matrix, not over the big q.
+        self.row_scale = xp.ones(w_x_used.shape[0], dtype=x.dtype)
+        self.row_scale[:d_model] = 1.0 / math.sqrt(d_model // heads)
+        self.w_x_used = w_x_used * self.row_scale[:, None]
+        b_x = b_x * self.row_scale
         projected = matmul(rows, self.w_x_used.T)
         projected += b_x
         if cross:
@@ -251,14 +248,13 @@ class FusedMultiHeadAttention(Function):
         else:
             c2 = rows
             q2, k2, v2 = projected[:, :d_model], projected[:, d_model:2 * d_model], projected[:, 2 * d_model:]
-        self.scale = 1.0 / math.sqrt(d_model // heads)
-        q_scaled = _split_heads(xp, q2, batch, length, heads, scale=self.scale)
+        q_scaled = _split_heads(xp, q2, batch, length, heads)
         k_t = _split_heads(xp, k2, batch, source_length, heads, key_major=True)
         v = _split_heads(xp, v2, batch, source_length, heads)
         mask_bias = additive_mask(xp, allowed, x.dtype)
         out, weights, attended = attention_forward(xp, q_scaled, k_t, v, mask_bias, keep_scale)
         merged = xp.empty((batch * length, d_model), dtype=x.dtype)
-        _merge_heads_into(xp, out, merged)
+        _merge_heads_into(out, merged)
         y = matmul(merged, wo.T)
         y += bo
         if add_input:
@@ -281,11 +277,13 @@ class FusedMultiHeadAttention(Function):
         # Gradients of q, k and v land side by side, as the stacked projection produced them.
         grad_projected = xp.empty((rows.shape[0], d_model if self.cross else 3 * d_model), dtype=rows.dtype)
         grad_kv = xp.empty((c2.shape[0], 2 * d_model), dtype=rows.dtype) if self.cross else grad_projected[:, d_model:]
-        _merge_heads_into(xp, grad_q_scaled, grad_projected[:, :d_model], scale=self.scale)
-        _merge_heads_into(xp, grad_k, grad_kv[:, :d_model])
-        _merge_heads_into(xp, grad_v, grad_kv[:, d_model:])
+        _merge_heads_into(grad_q_scaled, grad_projected[:, :d_model])
+        _merge_heads_into(grad_k, grad_kv[:, :d_model])
+        _merge_heads_into(grad_v, grad_kv[:, d_model:])
         grad_rows = matmul(grad_projected, self.w_x_used)
         grad_w_x, grad_b_x = matmul(grad_projected.T, rows), column_sum(xp, grad_projected)
+        grad_w_x *= self.row_scale[:, None]  # back from the scaled q rows to the weights as given
+        grad_b_x *= self.row_scale
         norm_grads = ()
         if self.norm:
             norm_weight, norm_bias = (t.data for t in self.inputs[-2:])
