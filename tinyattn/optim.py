@@ -198,10 +198,13 @@ class Adam(Optimizer):
 
     def _step_size_and_update(self, grad, exp_avg, exp_avg_sq, step, xp):
         beta1, beta2 = self.betas
-        exp_avg *= beta1
-        exp_avg += (1.0 - beta1) * grad
+        squared = grad * grad
+        squared *= 1.0 - beta2
         exp_avg_sq *= beta2
-        exp_avg_sq += (1.0 - beta2) * (grad * grad)
+        exp_avg_sq += squared
+        xp.multiply(grad, 1.0 - beta1, out=squared)  # reuse the buffer: grad itself may be the caller's
+        exp_avg *= beta1
+        exp_avg += squared
         # Same arrangement as PyTorch: lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), which
         # equals lr * m_hat / (sqrt(v_hat) + eps) without making m_hat or v_hat.
         denominator = xp.sqrt(exp_avg_sq)
