@@ -43,6 +43,15 @@ class Side:
         self.train_s += time.perf_counter() - start
         self.step += count
 
+    def train_step(self, batch):
+        """One optimizer and schedule step; both frameworks spell it the same way."""
+        loss = self.loss(batch)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        return loss.item()
+
     def evaluate(self, target):
         start = time.perf_counter()
         accuracy = self.exact_match()
@@ -64,14 +73,9 @@ class TinyattnSide(Side):
         self.schedule = optim.WarmupCosine(self.optimizer, config["warmup"], config["steps"])
         self.stream = task.batches(config["batch_size"], config["seed"])
 
-    def train_step(self, batch):
+    def loss(self, batch):
         logits, labels = self.model.forward_batch(batch)
-        loss = cross_entropy(logits, labels, ignore_index=PAD)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        self.schedule.step()
-        return loss.item()
+        return cross_entropy(logits, labels, ignore_index=PAD)
 
     def exact_match(self):
         self.model.eval()
@@ -91,13 +95,8 @@ class TorchSide(Side):
         self.stream = task.batches(config["batch_size"], config["seed"])
         self.eval_sources = [batch_tensors(batch)[0] for batch in eval_batches]
 
-    def train_step(self, batch):
-        loss = self.model.loss(*self.to_torch(batch))
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        self.schedule.step()
-        return loss.item()
+    def loss(self, batch):
+        return self.model.loss(*self.to_torch(batch))
 
     def exact_match(self):
         rows = [self.model.greedy_decode(source, self.task.max_len + 1) for source in self.eval_sources]
