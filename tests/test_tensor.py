@@ -126,3 +126,10 @@ def test_numpy_subclasses_such_as_memmap_mix_with_plain_tensors(tmp_path):
     np.save(path, np.arange(3.0, dtype=np.float32))
     mapped = ta.tensor(np.load(path, mmap_mode="r"))
     np.testing.assert_array_equal((mapped + ta.tensor([1.0, 1.0, 1.0])).numpy(), [1.0, 2.0, 3.0])
+
+
+def test_tensor_copies_array_data_so_in_place_updates_stay_inside():
+    source = np.zeros(3, dtype=np.float32)
+    t = ta.tensor(source, requires_grad=True)
+    t.data += 1.0
+    np.testing.assert_array_equal(source, [0.0, 0.0, 0.0])

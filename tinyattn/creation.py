@@ -18,7 +18,8 @@ def default_generator():
 
 
 def tensor(data, dtype=None, requires_grad=False, device=None):
-    """A tensor from Python data or an array.
+    """A tensor from Python data or an array, always with its own copy of the data (as
+    torch.tensor does), so that in-place updates never reach the caller's array.
 
     Python floats become float32, Python ints int64 (as in PyTorch), bools bool; numpy
     and cupy arrays keep their dtype. The device defaults to the array's own, else to
@@ -26,6 +27,8 @@ def tensor(data, dtype=None, requires_grad=False, device=None):
     """
     if isinstance(data, Tensor):
         data = data.data
+    if backend.is_array(data):
+        data = data.copy()
     return Tensor(data, dtype=dtype, requires_grad=requires_grad, device=device)
 
 
