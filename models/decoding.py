@@ -1,6 +1,6 @@
 """Greedy decoding shared by the models: pick the likeliest next token until every row has said EOS."""
 import tinyattn as ta
-from tinyattn.tasks import EOS, PAD
+from tinyattn.tasks import BOS, EOS, PAD
 
 
 def greedy_loop(step, prefix, max_new_tokens, need_weights=False):
@@ -27,6 +27,17 @@ def greedy_loop(step, prefix, max_new_tokens, need_weights=False):
         return rows, None
     maps = ta.stack(weight_steps, axis=3)  # (B, layers, heads, steps, S)
     return rows, [maps[row, :, :, :len(tokens)].numpy() for row, tokens in enumerate(rows)]
+
+
+def decode_from_bos(step, source, max_new_tokens, need_weights=False):
+    """greedy_loop for an encoder-decoder: every row starts from BOS, and each row's
+    attention map keeps only the columns of its own (unpadded) source."""
+    start = ta.full((source.shape[0], 1), BOS, dtype=ta.int64, device=source.device)
+    rows, maps = greedy_loop(step, start, max_new_tokens, need_weights)
+    if not need_weights:
+        return rows, None
+    lengths = (source != PAD).numpy().sum(axis=1).tolist()
+    return rows, [row_map[..., :length] for row_map, length in zip(maps, lengths)]
 
 
 def _until_eos(tokens):

@@ -9,9 +9,9 @@ and reads their weighted sum, so no position is out of reach.
 """
 import tinyattn as ta
 from tinyattn import nn
-from tinyattn.tasks import BOS, PAD
+from tinyattn.tasks import PAD
 
-from .decoding import greedy_loop
+from .decoding import decode_from_bos
 
 
 class RNNSeq2Seq(nn.Module):
@@ -83,9 +83,4 @@ class RNNSeq2Seq(nn.Module):
             logits, carried["state"], weights = self._decoder_step(self.embed(prefix[:, -1]), carried["state"], memory)
             return logits, (weights[:, None, None, :] if want_weights else None)
 
-        start = ta.full((source.shape[0], 1), BOS, dtype=ta.int64, device=source.device)
-        rows, maps = greedy_loop(step, start, max_new_tokens, want_weights)
-        if not want_weights:
-            return rows, None
-        lengths = mask.numpy().sum(axis=1).tolist()
-        return rows, [row_map[..., :length] for row_map, length in zip(maps, lengths)]
+        return decode_from_bos(step, source, max_new_tokens, want_weights)

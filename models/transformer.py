@@ -6,9 +6,9 @@ For reversal those weights form an anti-diagonal: output i looks at input n - 1 
 """
 import tinyattn as ta
 from tinyattn import nn
-from tinyattn.tasks import BOS, PAD
+from tinyattn.tasks import PAD
 
-from .decoding import greedy_loop
+from .decoding import decode_from_bos
 
 POSITIONAL = {"learned": nn.LearnedPositionalEncoding, "sinusoidal": nn.SinusoidalPositionalEncoding}
 
@@ -85,9 +85,4 @@ class Seq2SeqTransformer(nn.Module):
             cross = ta.stack([layer["cross"][:, :, -1] for layer in weights], axis=1) if need_weights else None
             return logits[:, -1], cross
 
-        start = ta.full((source.shape[0], 1), BOS, dtype=ta.int64, device=source.device)
-        rows, maps = greedy_loop(step, start, max_new_tokens, need_weights)
-        if need_weights:  # drop each row's padding columns
-            lengths = (source != PAD).numpy().sum(axis=1).tolist()
-            maps = [row_map[..., :length] for row_map, length in zip(maps, lengths)]
-        return rows, maps
+        return decode_from_bos(step, source, max_new_tokens, need_weights)
