@@ -102,13 +102,16 @@ def set_gemm_observer(observer):
     _gemm_observer = observer
 
 
-def matmul(a, b):
-    """a @ b: every op's matrix products go through here, so the profiler can time BLAS."""
-    if _gemm_observer is None:
-        return a @ b
-    start = time.perf_counter()
-    result = a @ b
-    _gemm_observer(a, b, time.perf_counter() - start)
+def matmul(a, b, out=None):
+    """a @ b: every op's matrix products go through here, so the profiler can time BLAS.
+
+    out: an array to write the product into. It may be a strided view, such as one head's
+    columns of a wider array: NumPy's BLAS path takes any row stride, so the product lands
+    in place with no copy (the attention kernels use this to skip splitting heads)."""
+    start = time.perf_counter() if _gemm_observer is not None else None
+    result = a @ b if out is None else array_module(a).matmul(a, b, out=out)
+    if start is not None:
+        _gemm_observer(a, b, time.perf_counter() - start)
     return result
 
 

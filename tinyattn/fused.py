@@ -111,9 +111,10 @@ def _scores(q_scaled, k_t, mask_bias):
     return scores
 
 
-def attention_forward(xp, q_scaled, k_t, v, mask_bias, keep_scale):
+def attention_forward(xp, q_scaled, k_t, v, mask_bias, keep_scale, out=None):
     """softmax(q_scaled k^T + mask_bias) v for q_scaled (..., T, d) already multiplied by
-    1/sqrt(d) (callers fold that into a copy they make anyway), k_t (..., d, S), v (..., S, dv).
+    1/sqrt(d) (callers fold that into work they do anyway), k_t (..., d, S), v (..., S, dv).
+    q_scaled and v may be strided views, and the output goes into `out` when given.
 
     Returns (output, weights, attended), attended being the weights after dropout.
     The softmax subtracts the single largest score, not each row's, because a full
@@ -132,7 +133,7 @@ def attention_forward(xp, q_scaled, k_t, v, mask_bias, keep_scale):
     else:
         weights /= sums
     attended = weights * keep_scale if keep_scale is not None else weights
-    return matmul(attended, v), weights, attended
+    return matmul(attended, v, out=out), weights, attended
 
 
 def _attention_weights_per_row(xp, q_scaled, k_t, mask_bias):
@@ -146,18 +147,20 @@ def _attention_weights_per_row(xp, q_scaled, k_t, mask_bias):
     return weights
 
 
-def attention_backward(xp, grad_out, q_scaled, k_t, v, weights, attended, keep_scale):
-    """Gradients (q_scaled, k, v) of attention_forward's output; k's gradient comes as (..., S, d)."""
-    grad_v = matmul(attended.swapaxes(-1, -2), grad_out)
-    # NumPy's batched matmul is slow when its right operand is a transposed view: copy those first.
+def attention_backward(xp, grad_out, q_scaled, k, v, weights, attended, keep_scale, grads_into=(None, None, None)):
+    """Gradients (q_scaled, k, v) of attention_forward's output, for k as (..., S, d), written
+    into the arrays (or strided views) of grads_into where given."""
+    grad_q_into, grad_k_into, grad_v_into = grads_into
+    grad_v = matmul(attended.swapaxes(-1, -2), grad_out, out=grad_v_into)
+    # NumPy's batched matmul is slow when its right operand is a transposed view: copy it first.
     grad_scores = matmul(grad_out, xp.ascontiguousarray(v.swapaxes(-1, -2)))  # first the gradient of the (dropped-out) weights
     if keep_scale is not None:
         grad_scores *= keep_scale
     # softmax backward: dS = P * (dP - rowsum(dP * P)); masked entries have P = 0.
     grad_scores -= row_sum(xp, grad_scores * weights)
     grad_scores *= weights
-    grad_q_scaled = matmul(grad_scores, xp.ascontiguousarray(k_t.swapaxes(-1, -2)))
-    grad_k = matmul(grad_scores.swapaxes(-1, -2), q_scaled)
+    grad_q_scaled = matmul(grad_scores, k, out=grad_q_into)
+    grad_k = matmul(grad_scores.swapaxes(-1, -2), q_scaled, out=grad_k_into)
     return grad_q_scaled, grad_k, grad_v
 
 
@@ -174,30 +177,25 @@ class FusedAttention(Function):
         q_scaled = q * self.scale
         k_t = self.xp.ascontiguousarray(k.swapaxes(-1, -2))  # a contiguous K^T makes the batched GEMMs twice as fast
         out, self.weights, self.attended = attention_forward(self.xp, q_scaled, k_t, v, mask_bias, keep_scale)
-        self.q_scaled, self.k_t, self.keep_scale = q_scaled, k_t, keep_scale
+        self.q_scaled, self.keep_scale = q_scaled, keep_scale
         if weights_sink is not None:  # a Function has one output; the weights leave through this list
             weights_sink.append(self.weights)
         return out
 
     def backward(self, grad):
         refuse_create_graph("fused attention", "scaled_dot_product_attention(..., fused=False)")
-        v = self.inputs[2].data
-        grad_q_scaled, grad_k, grad_v = attention_backward(self.xp, grad.data, self.q_scaled, self.k_t, v, self.weights,
+        k, v = self.inputs[1].data, self.inputs[2].data
+        grad_q_scaled, grad_k, grad_v = attention_backward(self.xp, grad.data, self.q_scaled, k, v, self.weights,
                                                            self.attended, self.keep_scale)
         grad_q_scaled *= self.scale
         return constant(grad_q_scaled), constant(grad_k), constant(grad_v)
 
 
-def _split_heads(xp, a2, batch, length, heads, key_major=False):
-    """(B*L, heads*d) rows -> a new contiguous (B, heads, L, d), or (B, heads, d, L) for keys."""
-    a = a2.reshape(batch, length, heads, -1)
-    return xp.ascontiguousarray(a.transpose(0, 2, 3, 1) if key_major else a.transpose(0, 2, 1, 3))
-
-
-def _merge_heads_into(a, destination):
-    """Write (B, heads, L, d) into the (B*L, heads*d) rows of `destination` (a column slice is fine)."""
-    batch, heads, length, dim = a.shape
-    destination.reshape(batch, length, heads, dim)[...] = a.transpose(0, 2, 1, 3)
+def _heads_view(a2, batch, length, heads):
+    """(B*L, heads*d) rows, or a column slice of wider rows, seen as (B, heads, L, d) without
+    a copy. Each head's (L, d) matrix has unit column stride, so BLAS reads it, and writes
+    it through matmul's out=, in place: the heads are never split or merged by copying."""
+    return a2.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)
 
 
 class FusedMultiHeadAttention(Function):
@@ -208,9 +206,9 @@ class FusedMultiHeadAttention(Function):
     (folded into the projections of x: see fold_norm). add_input adds x to the output
     (the residual connection). Self-attention projects q, k and v in one GEMM with the
     stacked weights; cross-attention projects k and v of the context in one GEMM.
-    1/sqrt(d) is folded into the q rows of the projection; splitting into heads copies
-    once, and merging the gradients writes straight into the stacked layout the weight
-    gradients need.
+    1/sqrt(d) is folded into the q rows of the projection. Heads are strided views of the
+    projection's columns, and the products that make the output and the q, k, v
+    gradients write straight into the stacked layouts the next GEMMs read.
     Twin: MultiHeadAttention(fused=False), which composes Linear layers and engine ops.
     """
 
@@ -248,38 +246,40 @@ class FusedMultiHeadAttention(Function):
         else:
             c2 = rows
             q2, k2, v2 = projected[:, :d_model], projected[:, d_model:2 * d_model], projected[:, 2 * d_model:]
-        q_scaled = _split_heads(xp, q2, batch, length, heads)
-        k_t = _split_heads(xp, k2, batch, source_length, heads, key_major=True)
-        v = _split_heads(xp, v2, batch, source_length, heads)
+        q_scaled = _heads_view(q2, batch, length, heads)
+        k = _heads_view(k2, batch, source_length, heads)
+        v = _heads_view(v2, batch, source_length, heads)
+        # The scores' right operand is copied contiguous: a doubly transposed view makes the batched GEMM slow.
+        k_t = xp.ascontiguousarray(k.swapaxes(-1, -2))
         mask_bias = additive_mask(xp, allowed, x.dtype)
-        out, weights, attended = attention_forward(xp, q_scaled, k_t, v, mask_bias, keep_scale)
         merged = xp.empty((batch * length, d_model), dtype=x.dtype)
-        _merge_heads_into(out, merged)
+        _, weights, attended = attention_forward(xp, q_scaled, k_t, v, mask_bias, keep_scale,
+                                                 out=_heads_view(merged, batch, length, heads))
         y = matmul(merged, wo.T)
         y += bo
         if add_input:
             y += x2
         if weights_sink is not None:
             weights_sink.append(weights)
-        self.saved = (rows, c2, q_scaled, k_t, v, weights, attended, merged, keep_scale, wo)
+        self.saved = (rows, c2, q_scaled, k, v, weights, attended, merged, keep_scale, wo)
         return y.reshape(batch, length, d_model)
 
     def backward(self, grad):
         refuse_create_graph("fused multi-head attention", "MultiHeadAttention(..., fused=False)")
         xp = self.xp
-        rows, c2, q_scaled, k_t, v, weights, attended, merged, keep_scale, wo = self.saved
+        rows, c2, q_scaled, k, v, weights, attended, merged, keep_scale, wo = self.saved
         g2 = grad.data.reshape(merged.shape)
         grad_wo, grad_bo = matmul(g2.T, merged), column_sum(xp, g2)
         batch, heads, length, _ = q_scaled.shape
-        d_model = merged.shape[1]
-        grad_out = _split_heads(xp, matmul(g2, wo), batch, length, heads)
-        grad_q_scaled, grad_k, grad_v = attention_backward(xp, grad_out, q_scaled, k_t, v, weights, attended, keep_scale)
+        source_length, d_model = k.shape[2], merged.shape[1]
+        grad_out = _heads_view(matmul(g2, wo), batch, length, heads)
         # Gradients of q, k and v land side by side, as the stacked projection produced them.
         grad_projected = xp.empty((rows.shape[0], d_model if self.cross else 3 * d_model), dtype=rows.dtype)
         grad_kv = xp.empty((c2.shape[0], 2 * d_model), dtype=rows.dtype) if self.cross else grad_projected[:, d_model:]
-        _merge_heads_into(grad_q_scaled, grad_projected[:, :d_model])
-        _merge_heads_into(grad_k, grad_kv[:, :d_model])
-        _merge_heads_into(grad_v, grad_kv[:, d_model:])
+        grads_into = (_heads_view(grad_projected[:, :d_model], batch, length, heads),
+                      _heads_view(grad_kv[:, :d_model], batch, source_length, heads),
+                      _heads_view(grad_kv[:, d_model:], batch, source_length, heads))
+        attention_backward(xp, grad_out, q_scaled, k, v, weights, attended, keep_scale, grads_into)
         grad_rows = matmul(grad_projected, self.w_x_used)
         grad_w_x, grad_b_x = matmul(grad_projected.T, rows), column_sum(xp, grad_projected)
         grad_w_x *= self.row_scale[:, None]  # back from the scaled q rows to the weights as given
