@@ -4,6 +4,8 @@ Everything else asks an array for its module (`array_module(array)`) and calls t
 so one code path serves both devices. CuPy is imported only when a CUDA tensor is
 first asked for, so `import tinyattn` never touches a GPU.
 """
+import contextlib
+import ctypes
 import os
 import time
 
@@ -211,3 +213,65 @@ def load_arrays(path):
 def text_array(text):
     """A str as a 0-d unicode array, storable in .npz without pickle."""
     return numpy.array(text)
+
+
+# --- BLAS threads -------------------------------------------------------------------------------
+
+_openblas_threads = None  # (set, get) functions of the OpenBLAS NumPy loaded, once found; False if none
+
+
+def _find_openblas_threads():
+    """The set/get thread-count functions of the OpenBLAS in this process (NumPy's wheels
+    bundle one, with prefixed symbols), found through the loaded libraries; None elsewhere
+    (another BLAS, or no /proc)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1].lower()})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_{}_num_threads64_", "scipy_openblas_{}_num_threads", "openblas_{}_num_threads64_", "openblas_{}_num_threads"):
+            setter, getter = (getattr(library, name.format(verb), None) for verb in ("set", "get"))
+            if setter is not None and getter is not None:
+                setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
+                return setter, getter
+    return None
+
+
+def _blas_thread_control():
+    global _openblas_threads
+    if _openblas_threads is None:
+        _openblas_threads = _find_openblas_threads() or False
+    return _openblas_threads or None
+
+
+def can_limit_blas_threads():
+    """Whether blas_threads() can change how many threads NumPy's matrix products use."""
+    return _blas_thread_control() is not None
+
+
+def blas_thread_count():
+    """How many threads NumPy's BLAS may use now, or None where that cannot be read."""
+    control = _blas_thread_control()
+    return None if control is None else control[1]()
+
+
+@contextlib.contextmanager
+def blas_threads(count):
+    """Run the block with NumPy's BLAS using at most `count` threads, then restore the
+    previous count. Process-wide; does nothing where can_limit_blas_threads() is False."""
+    control = _blas_thread_control()
+    if control is None:
+        yield
+        return
+    set_threads, get_threads = control
+    before = get_threads()
+    set_threads(count)
+    try:
+        yield
+    finally:
+        set_threads(before)

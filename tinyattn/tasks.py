@@ -46,6 +46,16 @@ class Batch:
         """Label tokens in the batch, EOS included: what the loss is averaged over."""
         return sum(len(t) + 1 for t in self.targets)
 
+    def split(self, count):
+        """The rows as `count` consecutive batches of near-equal size (fewer when there are
+        fewer rows), each keeping this batch's padded length."""
+        if count < 1:
+            raise ValueError(f"a batch splits into at least 1 part, got {count}")
+        bounds = [len(self) * part // count for part in range(count + 1)]
+        return [Batch(*(Tensor(t.data[start:stop]) for t in (self.source, self.decoder_input, self.labels)),
+                      sources=self.sources[start:stop], targets=self.targets[start:stop])
+                for start, stop in zip(bounds, bounds[1:]) if stop > start]
+
 
 class SequenceTask:
     """A task (`copy`, `reverse` or `sort`) over `vocab` symbols with lengths in [min_len, max_len]."""

@@ -1,0 +1,169 @@
+"""Data parallelism on threads: shards' gradients add up to the whole batch's, and really run side by side."""
+import threading
+
+import numpy as np
+import pytest
+
+import tinyattn as ta
+from models import build_model
+from tinyattn import backend, nn, profiler
+from tinyattn.functional import cross_entropy
+from tinyattn.parallel import ShardedBackward, default_shards
+from tinyattn.tasks import PAD, SequenceTask
+
+needs_blas_control = pytest.mark.skipif(not backend.can_limit_blas_threads(), reason="NumPy's BLAS thread count cannot be set here")
+
+
+def batch_of(rows, seed=0):
+    task = SequenceTask("reverse", vocab=6, min_len=1, max_len=7)
+    return task, task.make_batch(task.sample_sources(np.random.default_rng(seed), rows))
+
+
+def test_split_keeps_every_row_once_in_order_with_the_padded_length():
+    _, batch = batch_of(5)
+    parts = batch.split(2)
+    assert [len(part) for part in parts] == [2, 3]
+    assert sum((part.sources for part in parts), []) == batch.sources
+    assert sum((part.targets for part in parts), []) == batch.targets
+    for name in ("source", "decoder_input", "labels"):
+        joined = np.concatenate([getattr(part, name).data for part in parts])
+        np.testing.assert_array_equal(joined, getattr(batch, name).data)
+
+
+def test_split_into_more_parts_than_rows_gives_one_row_each_and_refuses_zero():
+    _, batch = batch_of(3)
+    assert [len(part) for part in batch.split(5)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="at least 1 part"):
+        batch.split(0)
+
+
+def linear_loss(model, scale):
+    def loss_of(shard):
+        x, y = shard
+        return ((model(x) - y) ** 2).sum() * scale, threading.current_thread().name, backend.blas_thread_count()
+    return loss_of
+
+
+def whole_and_sharded_grads(shards):
+    rng = np.random.default_rng(1)
+    x = ta.tensor(rng.standard_normal((8, 5)), dtype=ta.float64)
+    y = ta.tensor(rng.standard_normal((8, 3)), dtype=ta.float64)
+    model = nn.Linear(5, 3, generator=ta.Generator(0), dtype=ta.float64)
+    ((model(x) - y) ** 2).sum().backward()
+    whole = [p.grad.data.copy() for p in model.parameters()]
+    model.zero_grad()
+    sharded = ShardedBackward(shards)
+    parts = [(x[i:i + 8 // shards], y[i:i + 8 // shards]) for i in range(0, 8, 8 // shards)]
+    outputs = sharded(linear_loss(model, 1.0), parts, model.parameters())
+    return whole, [p.grad.data for p in model.parameters()], outputs, model, sharded, parts
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_sharded_gradients_equal_the_whole_batch_gradients(shards):
+    whole, sharded, outputs, *_ = whole_and_sharded_grads(shards)
+    assert len(outputs) == shards
+    for expected, got in zip(whole, sharded):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_shards_run_on_worker_threads_with_blas_held_to_its_share():
+    _, _, outputs, *_ = whole_and_sharded_grads(2)
+    thread_names = [name for _, name, _ in outputs]
+    assert thread_names[0] == threading.current_thread().name
+    assert thread_names[1].startswith("tinyattn-shard")
+    if backend.can_limit_blas_threads():
+        import os
+        share = max(1, (os.cpu_count() or 1) // 2)
+        assert [count for _, _, count in outputs] == [share, share]
+
+
+@needs_blas_control
+def test_blas_threads_is_restored_after_the_block():
+    before = backend.blas_thread_count()
+    with backend.blas_threads(1):
+        assert backend.blas_thread_count() == 1
+    assert backend.blas_thread_count() == before
+
+
+def test_sharded_gradients_add_to_existing_grads_as_backward_does():
+    whole, _, _, model, sharded, parts = whole_and_sharded_grads(2)
+    sharded(linear_loss(model, 1.0), parts, model.parameters())  # a second accumulation
+    for expected, p in zip(whole, model.parameters()):
+        np.testing.assert_allclose(p.grad.data, 2 * expected, rtol=1e-12)
+
+
+def test_a_non_finite_shard_loss_leaves_the_gradients_alone():
+    _, _, _, model, sharded, parts = whole_and_sharded_grads(2)
+    model.zero_grad()
+    with np.errstate(all="ignore"):
+        outputs = sharded(linear_loss(model, float("inf")), parts, model.parameters())
+    assert not np.isfinite(outputs[0][0].item())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_worker_shards_see_the_callers_numpy_error_settings():
+    _, _, _, model, sharded, parts = whole_and_sharded_grads(2)
+    seen = []
+
+    def loss_of(shard):
+        seen.append(np.geterr()["over"])
+        return linear_loss(model, 1.0)(shard)
+
+    with np.errstate(over="raise"):
+        sharded(loss_of, parts, model.parameters())
+    assert seen == ["raise", "raise"]
+
+
+def test_under_the_profiler_shards_take_turns_on_the_calling_thread():
+    _, _, _, model, sharded, parts = whole_and_sharded_grads(2)
+    with profiler.profile():
+        outputs = sharded(linear_loss(model, 1.0), parts, model.parameters())
+    assert {name for _, name, _ in outputs} == {threading.current_thread().name}
+
+
+def test_an_error_in_a_worker_shard_reaches_the_caller_and_the_pool_still_works():
+    _, _, _, model, sharded, parts = whole_and_sharded_grads(2)
+
+    def loss_of(shard):
+        if threading.current_thread().name.startswith("tinyattn-shard"):
+            raise ValueError("bad shard")
+        return linear_loss(model, 1.0)(shard)
+
+    with pytest.raises(ValueError, match="bad shard"):
+        sharded(loss_of, parts, model.parameters())
+    assert len(sharded(linear_loss(model, 1.0), parts, model.parameters())) == 2
+
+
+def test_bad_shard_counts_are_refused():
+    with pytest.raises(ValueError, match="positive integer"):
+        ShardedBackward(0)
+    _, _, _, model, sharded, parts = whole_and_sharded_grads(2)
+    with pytest.raises(ValueError, match="expected 1 to 2 shards, got 4"):
+        sharded(linear_loss(model, 1.0), parts + parts, model.parameters())
+
+
+def test_default_is_one_shard_off_the_cpu():
+    assert default_shards("cuda") == 1
+
+
+@pytest.mark.parametrize("kind", ["transformer", "gpt", "rnn-attention"])
+def test_models_sharded_loss_and_gradients_match_the_whole_batch(kind):
+    task, batch = batch_of(12, seed=3)
+    config = dict(model=kind, d_model=16, heads=2, layers=1, d_ff=32, dropout=0.0, max_len=task.max_len,
+                  positional="learned", activation="relu", seed=0)
+    model = build_model(config, task.vocab_size)
+    logits, labels = model.forward_batch(batch)
+    loss = cross_entropy(logits, labels, ignore_index=PAD)
+    loss.backward()
+    whole = [p.grad.data.copy() for p in model.parameters()]
+    model.zero_grad()
+    scale = 1.0 / batch.num_tokens
+
+    def loss_of(shard):
+        shard_logits, shard_labels = model.forward_batch(shard)
+        return (cross_entropy(shard_logits, shard_labels, ignore_index=PAD, reduction="sum") * scale,)
+
+    outputs = ShardedBackward(2)(loss_of, batch.split(2), model.parameters())
+    assert sum(out[0].item() for out in outputs) == pytest.approx(loss.item(), rel=1e-5)
+    for expected, p in zip(whole, model.parameters()):
+        np.testing.assert_allclose(p.grad.data, expected, rtol=1e-4, atol=1e-6)

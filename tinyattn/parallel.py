@@ -1,0 +1,96 @@
+"""Data parallelism on threads: a batch's shards go forward and backward side by side.
+
+Why it pays on a CPU: NumPy runs every elementwise operation (layer norm, softmax,
+ReLU, residual adds) on one core, and at the sizes tinyattn trains that is about half
+of a step; only matrix products use BLAS's threads. PyTorch splits the work inside each
+operation across the cores. tinyattn splits the batch instead: NumPy releases the GIL
+inside its loops, so the shards' array work runs on separate cores at once. Meanwhile
+BLAS is held to cores // shards threads, or its threads would fight the shards for the
+same cores. The Python parts (building the graph, walking it) still take turns.
+
+The gradients equal one backward over the whole batch up to rounding: each shard's loss
+is its share of the batch loss, and the shards' gradients are summed in shard order, so
+a run is reproducible for a given number of shards.
+"""
+import contextvars
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
+
+from . import backend
+from .engine import Tensor, current_profile, grad
+
+
+def default_shards(device="cpu"):
+    """2 on a CPU with at least two cores whose BLAS threads can be limited, else 1."""
+    if device != "cpu" or (os.cpu_count() or 1) < 2 or not backend.can_limit_blas_threads():
+        return 1
+    return 2
+
+
+class ShardedBackward:
+    """Runs `loss_of(shard)` for each shard on its own thread and sums the gradients of the
+    shards' losses into the parameters' `.grad` (adding to what is there, as backward does).
+
+        sharded = ShardedBackward(2)
+        outputs = sharded(loss_of, batch.split(sharded.shards), model.parameters())
+
+    loss_of returns a tuple whose first item is the shard's scalar loss, scaled so that the
+    shards' losses add up to the batch's (a sum over the shard divided by the batch's
+    count, not the shard's mean); the call returns those tuples in shard order. With one
+    shard it is plain `loss.backward()` on the calling thread. While the profiler is on,
+    the shards run one after another, so its timings do not overlap. When a shard's loss
+    is not finite, nothing is differentiated or accumulated: the step is lost anyway,
+    and its overflowing backward would only spill warnings.
+    """
+
+    def __init__(self, shards):
+        if not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"shards must be a positive integer, got {shards!r}")
+        self.shards = shards
+        self.blas_threads_per_shard = max(1, (os.cpu_count() or 1) // shards)
+        self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="tinyattn-shard") if shards > 1 else None
+
+    def __call__(self, loss_of, shards, params):
+        if not 1 <= len(shards) <= self.shards:
+            raise ValueError(f"expected 1 to {self.shards} shards, got {len(shards)}")
+        if len(shards) == 1:
+            outputs = loss_of(shards[0])
+            if math.isfinite(outputs[0].item()):
+                outputs[0].backward()
+            return [outputs]
+        params = [param for param in params if param.requires_grad]
+
+        def run(shard):
+            outputs = loss_of(shard)
+            finite = math.isfinite(outputs[0].item())
+            return outputs, grad(outputs[0], params, allow_unused=True) if finite else None
+
+        with backend.blas_threads(self.blas_threads_per_shard):
+            if current_profile() is not None:
+                results = [run(shard) for shard in shards]
+            else:
+                # Each shard runs in a copy of the caller's context, so settings such as NumPy's errstate carry over.
+                pending = [self._pool.submit(contextvars.copy_context().run, run, shard) for shard in shards[1:]]
+                try:
+                    first = run(shards[0])
+                finally:  # never leave a shard running past this call, even on an error or Ctrl-C
+                    wait(pending)
+                results = [first] + [job.result() for job in pending]
+        if all(grads is not None for _, grads in results):
+            self._accumulate(params, [grads for _, grads in results])
+        return [outputs for outputs, _ in results]
+
+    @staticmethod
+    def _accumulate(params, shard_grads):
+        for index, param in enumerate(params):
+            parts = [grads[index].data for grads in shard_grads if grads[index] is not None]
+            if not parts:
+                continue
+            total = parts[0] + parts[1] if len(parts) > 1 else parts[0].copy()  # a fresh array: shards' grads may be shared
+            for part in parts[2:]:
+                total += part
+            if param.grad is None:
+                param.grad = Tensor(total)
+            else:
+                param.grad.data += total
