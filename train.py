@@ -21,14 +21,15 @@ from models import ATTENTION_HEADS_USED, MODELS, build_model
 from tinyattn import checkpoint, optim
 from tinyattn.allocator import tune_allocator
 from tinyattn.functional import cross_entropy
+from tinyattn.parallel import ShardedBackward, default_shards
 from tinyattn.tasks import EOS, FIRST_SYMBOL, PAD, TASKS, SequenceTask, describe
 from tinyattn.viz import attention_svg, heatmap_text
 
 DEFAULTS = dict(task="reverse", model="transformer", vocab=10, min_len=1, max_len=16, d_model=64, heads=4, layers=2,
                 d_ff=256, dropout=0.0, batch_size=64, lr=3e-3, grad_clip=0.0, warmup=100, steps=1500, eval_every=100, eval_size=512,
-                target_accuracy=0.99, seed=0, device=None, out="runs", log=None, stop_at=None, by_length=False)
+                target_accuracy=0.99, seed=0, device=None, threads=None, out="runs", log=None, stop_at=None, by_length=False)
 # What a resumed run may change; everything else (model, data, optimizer) comes from the checkpoint.
-RUN_SETTINGS = ("steps", "eval_every", "eval_size", "target_accuracy", "device", "out", "log", "stop_at", "by_length")
+RUN_SETTINGS = ("steps", "eval_every", "eval_size", "target_accuracy", "device", "threads", "out", "log", "stop_at", "by_length")
 CHECKPOINT_NAME = "checkpoint.npz"
 ATTENTION_KINDS = {"transformer": "cross-attention", "gpt": "attention on the source", "rnn-attention": "additive attention"}
 SAMPLES_SHOWN = 5
@@ -69,6 +70,8 @@ def build_parser():
     training.add_argument("--target-accuracy", type=float, help="stop early once held-out exact-match reaches this (default 0.99)")
     training.add_argument("--seed", type=int, help="seed of weights, data and dropout (default 0)")
     training.add_argument("--device", choices=["cpu", "cuda"], help="backend: cpu (NumPy) or cuda (CuPy) (default: TINYATTN_DEVICE or cpu)")
+    training.add_argument("--threads", type=int, help="threads that share each step, each on its own part of the batch "
+                          "(default 2 on a CPU with two or more cores, else 1; 1 with dropout)")
     training.add_argument("--stop-at", type=int, help="stop at this step and save, as if interrupted (to split a run in parts)")
     files = parser.add_argument_group("files")
     files.add_argument("--out", help=f"folder for {CHECKPOINT_NAME} (default runs)")
@@ -101,6 +104,11 @@ def check_config(config, parser):
     require(config["grad_clip"] >= 0, f"--grad-clip must be at least 0, got {config['grad_clip']}")
     require(0 <= config["warmup"] < config["steps"], f"--warmup must be at least 0 and less than --steps ({config['steps']}), got {config['warmup']}")
     require(0.0 < config["target_accuracy"] <= 1.0, f"--target-accuracy must be in (0, 1], got {config['target_accuracy']}")
+    require(config["threads"] is None or config["threads"] >= 1, f"--threads must be at least 1, got {config['threads']}")
+    require(config["threads"] in (None, 1) or not config["dropout"],
+            f"--threads {config['threads']} needs --dropout 0: dropout masks drawn by several threads would make the run unrepeatable")
+    require(config["threads"] is None or config["threads"] <= config["batch_size"],
+            f"--threads ({config['threads']}) must not exceed --batch-size ({config['batch_size']}): each thread takes a part of the batch")
     require(config["stop_at"] is None or 0 < config["stop_at"] <= config["steps"],
             f"--stop-at must be between 1 and --steps ({config['steps']}), got {config['stop_at']}")
 
@@ -125,6 +133,37 @@ def settings_from(args, saved=None, parser=None):
 
 # --- training -------------------------------------------------------------------------
 
+def shards_for(config):
+    """The --threads setting, or its default for this device and model."""
+    if config["threads"] is not None:
+        return config["threads"]
+    return 1 if config["dropout"] else default_shards(config["device"] or ta.get_default_device())
+
+
+def forward_backward(model, batch, sharded):
+    """The batch's mean token loss, with its gradients added to the parameters' .grad, the
+    batch's shards running side by side (tinyattn.parallel). Returns the loss value and
+    each shard's (logits, labels)."""
+    scale = 1.0 / batch.num_tokens  # each shard's summed loss over the whole batch's count: the shards add up to the mean
+
+    def loss_of(shard):
+        logits, labels = model.forward_batch(shard)
+        return cross_entropy(logits, labels, ignore_index=PAD, reduction="sum") * scale, logits, labels
+
+    outputs = sharded(loss_of, batch.split(sharded.shards), model.parameters())
+    return sum(loss.item() for loss, _, _ in outputs), [(logits, labels) for _, logits, labels in outputs]
+
+
+def token_accuracy(predictions):
+    """The share of real (non-PAD) label tokens that the logits' argmax gets right."""
+    right = total = 0
+    for logits, labels in predictions:
+        real = labels.data != PAD
+        right += int(((logits.data.argmax(axis=-1) == labels.data) & real).sum())
+        total += int(real.sum())
+    return right / max(total, 1)
+
+
 class Run:
     """Everything a training run holds, built from a config, and what goes into its checkpoint."""
 
@@ -135,24 +174,22 @@ class Run:
         self.optimizer = optim.Adam(self.model.parameters(), lr=config["lr"])
         self.schedule = optim.WarmupCosine(self.optimizer, config["warmup"], config["steps"])
         self.stream = self.task.batches(config["batch_size"], config["seed"], device=config["device"])
+        self.sharded = ShardedBackward(shards_for(config))
         self.step, self.elapsed_before = 0, 0.0
 
     def train_step(self):
-        """One optimizer step on the next batch: (loss, batch, logits, labels). A non-finite
-        loss is returned before any update, so the caller can stop with the model intact."""
+        """One optimizer step on the next batch: (loss, batch, each shard's (logits, labels)).
+        A non-finite loss is returned without an update, so the caller can stop with the model intact."""
         batch = next(self.stream)
-        logits, labels = self.model.forward_batch(batch)
-        loss = cross_entropy(logits, labels, ignore_index=PAD)
-        loss_value = loss.item()
+        self.optimizer.zero_grad()
+        loss_value, predictions = forward_backward(self.model, batch, self.sharded)
         if math.isfinite(loss_value):
-            self.optimizer.zero_grad()
-            loss.backward()
             if self.config["grad_clip"]:
                 optim.clip_grad_norm_(self.model.parameters(), self.config["grad_clip"])
             self.optimizer.step()
             self.schedule.step()
             self.step += 1
-        return loss_value, batch, logits, labels
+        return loss_value, batch, predictions
 
     def state(self, elapsed):
         return {"config": self.config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -234,7 +271,8 @@ def train(config, resume=None, resume_path=None):
     eval_batches = run.task.eval_set(config["eval_size"], config["seed"], batch_size=512, device=config["device"])
     path = os.path.join(config["out"], CHECKPOINT_NAME)
     print("config: " + json.dumps({key: config[key] for key in DEFAULTS}), flush=True)
-    print(f"model: {config['model']}, {run.model.num_parameters():,} parameters; device {ta.get_default_device()}", flush=True)
+    print(f"model: {config['model']}, {run.model.num_parameters():,} parameters; device {ta.get_default_device()}; "
+          f"{run.sharded.shards} thread{'s' if run.sharded.shards > 1 else ''} per step", flush=True)
     log = open_log(config["log"], append=resume is not None) if config["log"] else None
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
@@ -244,16 +282,14 @@ def train(config, resume=None, resume_path=None):
     window_start, window_tokens = time.perf_counter(), 0
     try:
         while run.step < config["steps"]:
-            loss_value, batch, logits, labels = run.train_step()
+            loss_value, batch, predictions = run.train_step()
             if not math.isfinite(loss_value):
                 return stop_on_divergence(progress, f"the loss became {loss_value} at step {run.step + 1}", path, saved_step)
             window_tokens += batch.num_tokens
             progress.update(1)
             if run.step % 10 == 0 or run.step == config["steps"]:
-                real = labels.data != PAD
-                accuracy = float(((logits.data.argmax(axis=-1) == labels.data) & real).sum()) / max(int(real.sum()), 1)
                 now = time.perf_counter()
-                progress.set_postfix(loss=f"{loss_value:.4f}", acc=f"{accuracy:.3f}", lr=f"{run.optimizer.lr:.2e}",
+                progress.set_postfix(loss=f"{loss_value:.4f}", acc=f"{token_accuracy(predictions):.3f}", lr=f"{run.optimizer.lr:.2e}",
                                      tok_s=f"{window_tokens / (now - window_start):,.0f}")
                 window_start, window_tokens = now, 0
             elapsed = run.elapsed_before + time.perf_counter() - start

@@ -147,7 +147,8 @@ def assert_same_state(a, b):
     assert a["dropout_generator"] == b["dropout_generator"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--dropout", "0.1"], ["--model", "gpt"]], ids=["transformer", "dropout", "gpt"])
+@pytest.mark.parametrize("extra", [["--threads", "1"], ["--threads", "2"], ["--dropout", "0.1"], ["--model", "gpt", "--threads", "2"]],
+                         ids=["transformer", "two-threads", "dropout", "gpt"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
     flags = [*TINY, "--lr", "3e-3", "--steps", "40", "--eval-every", "10", "--target-accuracy", "1.0", *extra]
     code, stdout, stderr = run_main([*flags, "--out", tmp_path / "a", "--log", tmp_path / "a.jsonl"])
@@ -173,6 +174,33 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
     assert final_a["step"] == 40
     assert_same_state(final_a, final_b)
     assert final_a["config"] == dict(final_b["config"], out=final_a["config"]["out"], log=final_a["config"]["log"])
+
+
+def test_two_threads_train_as_one_does_up_to_rounding(tmp_path):
+    flags = [*TINY, "--steps", "30", "--eval-every", "10", "--target-accuracy", "1.0"]
+    logs = {}
+    for threads in ("1", "2"):
+        code, stdout, stderr = run_main([*flags, "--threads", threads, "--out", tmp_path / threads, "--log", tmp_path / f"{threads}.jsonl"])
+        assert code == 0, stderr
+        assert f"{threads} thread" in stdout
+        logs[threads] = log_without_elapsed(tmp_path / f"{threads}.jsonl")
+    for one, two in zip(logs["1"], logs["2"]):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-3)
+
+
+def test_forward_backward_on_two_shards_gives_the_whole_batch_loss_and_gradients():
+    config = dict(train.DEFAULTS, task="copy", vocab=4, max_len=4, d_model=32, heads=2, layers=1, d_ff=64, batch_size=32)
+    runs = [train.Run(config) for _ in range(2)]
+    batch = next(runs[0].stream)
+    results = []
+    for run, shards in zip(runs, (1, 2)):
+        results.append(train.forward_backward(run.model, batch, train.ShardedBackward(shards)))
+    (loss_one, predictions_one), (loss_two, predictions_two) = results
+    assert loss_two == pytest.approx(loss_one, rel=1e-6)
+    assert len(predictions_one) == 1 and len(predictions_two) == 2
+    assert train.token_accuracy(predictions_two) == train.token_accuracy(predictions_one)
+    for p1, p2 in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        np.testing.assert_allclose(p2.grad.data, p1.grad.data, rtol=1e-4, atol=1e-6)
 
 
 def test_dropout_changes_training_so_the_resume_test_covers_its_generator(tmp_path):
@@ -202,6 +230,9 @@ BAD_FLAGS = [
     (["--target-accuracy", "1.5"], "--target-accuracy"),
     (["--stop-at", "0"], "--stop-at"),
     (["--steps", "ten"], "--steps"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--threads", "2", "--dropout", "0.1"], "--threads 2 needs --dropout 0"),
+    (["--threads", "65"], "--threads (65) must not exceed --batch-size (64)"),
 ]
 
 
