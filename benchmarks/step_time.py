@@ -3,15 +3,18 @@ tinyattn gets to NumPy's GEMM rate when the model is wide.
 
     python benchmarks/step_time.py [--pairs 300 --warmup 30 --block 10 --pause 0.25 --compute-steps 20 --skip-torch]
 
-Part 1, the reference config (train.py's defaults): both sides start from the same
-weights and train on the same pre-generated batches, taking turns in one process, so a
+Part 1, the reference config (train.py's defaults): tinyattn takes its step as train.py
+does, the batch split into shards that run side by side on the cores
+(tinyattn.parallel; 2 threads where there are 2 cores), and, for comparison, the same
+step on one thread ("tinyattn-1thread"). All sides start from the same weights and
+train on the same pre-generated batches, taking turns in one process, so a
 slow moment of this shared machine hits both alike. They take turns in blocks of
 --block steps (the order flips every round), not step by step: after its last GEMM,
 OpenBLAS keeps its worker threads spinning for about 0.1 s, and on 2 cores that spinning
 took PyTorch's next step from about 27 to 130 ms. So each block starts after a --pause
 of sleep and one untimed step. The k-th timed step of one side pairs with the k-th of the
 other; reports each side's median step and the median of the pairwise ratios
-tinyattn / torch.
+tinyattn / torch (and tinyattn-1thread / torch).
 
 Part 2, a compute-bound config (d_model 256, 4+4 layers, d_ff 1024, lengths up to 32):
 tinyattn's median step, the GFLOP/s its matrix products reach (FLOPs counted from each
@@ -24,21 +27,18 @@ import time
 import common
 from models import build_model
 from tinyattn import optim
-from tinyattn.functional import cross_entropy
-from tinyattn.tasks import PAD
+from tinyattn.parallel import ShardedBackward, default_shards
+from train import forward_backward
 
 DISTINCT_BATCHES = 32
 
 
-def tinyattn_step(model, optimizer, batch):
-    """One training step, timed; returns (seconds, loss)."""
+def tinyattn_step(model, optimizer, batch, sharded):
+    """One training step as train.py takes it (the batch's shards side by side), timed; returns (seconds, loss)."""
     start = time.perf_counter()
-    logits, labels = model.forward_batch(batch)
-    loss = cross_entropy(logits, labels, ignore_index=PAD)
     optimizer.zero_grad()
-    loss.backward()
+    value, _ = forward_backward(model, batch, sharded)
     optimizer.step()
-    value = loss.item()
     return time.perf_counter() - start, value
 
 
@@ -52,15 +52,26 @@ def torch_step(twin, optimizer, tensors):
     return time.perf_counter() - start, value
 
 
+def tinyattn_side(config, task, batches, shards):
+    """A fresh model (the config's seed: every side starts from the same weights) and its timed step on batch i."""
+    model = build_model(config, task.vocab_size)
+    optimizer = optim.Adam(model.parameters(), lr=config["lr"])
+    sharded = ShardedBackward(shards)
+    return model, lambda i: tinyattn_step(model, optimizer, batches[i % len(batches)], sharded)
+
+
 def reference_pairs(args, torch):
     """Alternating steps on the reference config; returns the figures."""
     config = common.REFERENCE
     task = common.task_for(config)
     stream = task.batches(config["batch_size"], config["seed"])
     batches = [next(stream) for _ in range(DISTINCT_BATCHES)]
-    model = build_model(config, task.vocab_size)
-    optimizer = optim.Adam(model.parameters(), lr=config["lr"])
-    sides = {"tinyattn": lambda i: tinyattn_step(model, optimizer, batches[i % len(batches)])}
+    sides = {}
+    shard_counts = {"tinyattn": default_shards()}
+    if shard_counts["tinyattn"] > 1:  # train.py's default, and the same engine on one thread for comparison
+        shard_counts["tinyattn-1thread"] = 1
+    for name, shards in shard_counts.items():
+        model, sides[name] = tinyattn_side(config, task, batches, shards)
     if torch is not None:
         from twin import Seq2SeqTwin, batch_tensors
         twin = Seq2SeqTwin.from_tinyattn(model)  # same starting weights
@@ -88,7 +99,7 @@ def reference_pairs(args, torch):
             for _ in range(min(args.block, args.pairs - r * args.block)):
                 seconds, losses[name] = run(name)
                 times[name].append(seconds)
-    figures = {"steps_each": args.pairs, "warmup_steps_each": args.warmup, "block": args.block, "pause_s": args.pause,
+    figures = {"steps_each": args.pairs, "tinyattn_threads": shard_counts, "warmup_steps_each": args.warmup, "block": args.block, "pause_s": args.pause,
                "median_step_ms": {name: common.median(t) * 1e3 for name, t in times.items()},
                "quartiles_step_ms": {name: [q * 1e3 for q in common.quartiles(t)] for name, t in times.items()},
                "last_loss": losses,
@@ -96,7 +107,8 @@ def reference_pairs(args, torch):
                "mean_padded_shape": {"source": sum(b.source.shape[1] for b in batches) / len(batches),
                                      "decoder": sum(b.decoder_input.shape[1] for b in batches) / len(batches)}}
     if torch is not None:
-        figures["median_ratio_tinyattn_over_torch"] = common.median_ratio(times["tinyattn"], times["torch"])
+        for name in shard_counts:
+            figures[f"median_ratio_{name.replace('-', '_')}_over_torch"] = common.median_ratio(times[name], times["torch"])
         figures["torch_threads"] = torch.get_num_threads()
     return figures
 
@@ -109,15 +121,16 @@ def compute_bound(args):
     batches = [next(stream) for _ in range(8)]
     model = build_model(config, task.vocab_size)
     optimizer = optim.Adam(model.parameters(), lr=config["lr"])
+    sharded = ShardedBackward(default_shards())
     probes = {256: common.GemmProbe(256, 40), 512: common.GemmProbe(512, 6)}
     for i in range(3):
-        tinyattn_step(model, optimizer, batches[i % len(batches)])
+        tinyattn_step(model, optimizer, batches[i % len(batches)], sharded)
         for probe in probes.values():
             probe.sample()
     step_times, step_rates, gemm = [], [], {n: [] for n in probes}
     for i in range(args.compute_steps):
         batch = batches[i % len(batches)]
-        seconds, _ = tinyattn_step(model, optimizer, batch)
+        seconds, _ = tinyattn_step(model, optimizer, batch, sharded)
         step_times.append(seconds)
         step_rates.append(common.training_step_flops(batch, config, task.vocab_size) / seconds / 1e9)
         for n, probe in probes.items():
@@ -125,7 +138,7 @@ def compute_bound(args):
     gemm_medians = {str(n): common.median(samples) for n, samples in gemm.items()}
     best = max(gemm_medians, key=gemm_medians.get)
     achieved = common.median(step_rates)
-    return {"steps": args.compute_steps, "median_step_ms": common.median(step_times) * 1e3,
+    return {"steps": args.compute_steps, "tinyattn_threads": sharded.shards, "median_step_ms": common.median(step_times) * 1e3,
             "median_training_step_gflop": common.median(common.training_step_flops(b, config, task.vocab_size) for b in batches) / 1e9,
             "achieved_gflops": achieved, "numpy_gemm_gflops": gemm_medians, "reference_gemm_n": int(best),
             "achieved_over_gemm": achieved / gemm_medians[best]}
@@ -161,8 +174,10 @@ def main():
     medians = reference["median_step_ms"]
     rows = [[name, f"{ms:.2f}", "{:.2f}-{:.2f}".format(*reference["quartiles_step_ms"][name])] for name, ms in medians.items()]
     common.table(["side", "median ms", "quartiles ms"], rows)
-    if "median_ratio_tinyattn_over_torch" in reference:
-        print(f"tinyattn / torch, median of {args.pairs} pairwise ratios: {reference['median_ratio_tinyattn_over_torch']:.2f}")
+    for name, shards in reference["tinyattn_threads"].items():
+        ratio = reference.get(f"median_ratio_{name.replace('-', '_')}_over_torch")
+        if ratio is not None:
+            print(f"{name} ({shards} thread{'s' if shards > 1 else ''} per step) / torch, median of {args.pairs} pairwise ratios: {ratio:.2f}")
     if compute:
         print(f"\ncompute-bound config (d_model 256, 4+4 layers, d_ff 1024, lengths 1..32, batch 64), "
               f"{compute['median_training_step_gflop']:.1f} GFLOP of matrix products per step")
