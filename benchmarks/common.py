@@ -34,6 +34,13 @@ REFERENCE = dict(task="reverse", model="transformer", vocab=10, min_len=1, max_l
 COMPUTE_BOUND = dict(REFERENCE, d_model=256, layers=4, d_ff=1024, heads=4, max_len=32)
 
 
+def train_run(config=REFERENCE):
+    """train.py's Run for a benchmark config: its model, Adam, schedule, batch stream and
+    step (the batch's shards side by side), so benchmarks time what `python train.py` does."""
+    import train  # the script at the repository root, on sys.path above
+    return train.Run(dict(train.DEFAULTS, **{key: value for key, value in config.items() if key in train.DEFAULTS}))
+
+
 def setup():
     """Tune glibc's allocator as train.py does; returns whether it was applied (goes into the results)."""
     return tune_allocator()

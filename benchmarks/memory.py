@@ -2,8 +2,8 @@
 
     python benchmarks/memory.py [--steps 2000]
 
-Trains as train.py does (fresh batches from the seeded stream, Adam lr 3e-3 with
-WarmupCosine(100, 1500), no evaluation) and reads VmRSS / VmHWM from /proc/self/status
+Trains as train.py does, with its Run (fresh batches from the seeded stream, Adam lr 3e-3
+with WarmupCosine(100, 1500), the batch's shards side by side; no evaluation), and reads VmRSS / VmHWM from /proc/self/status
 every 100 steps (ru_maxrss from getrusage where /proc is missing: peak only). A leak
 shows as RSS still growing after step 100, once the allocator and the optimizer state
 have settled. torch is never imported here. Writes benchmarks/results/memory.json.
@@ -14,10 +14,6 @@ import sys
 import time
 
 import common
-from models import build_model
-from tinyattn import optim
-from tinyattn.functional import cross_entropy
-from tinyattn.tasks import PAD
 
 SAMPLE_EVERY = 100
 SETTLED_STEP = 100
@@ -44,25 +40,15 @@ def main():
     machine = common.machine_info(allocator)
     common.print_machine(machine)
     config = common.REFERENCE
-    task = common.task_for(config)
     before_model = memory_mib()
-    model = build_model(config, task.vocab_size)
-    optimizer = optim.Adam(model.parameters(), lr=config["lr"])
-    schedule = optim.WarmupCosine(optimizer, config["warmup"], config["steps"])
-    stream = task.batches(config["batch_size"], config["seed"])
+    run = common.train_run(config)
     start_memory = memory_mib()
     samples = [{"step": 0, **start_memory}]
     print(f"training {args.steps} steps, reading memory every {SAMPLE_EVERY} ...", flush=True)
     start = time.perf_counter()
     loss_value = None
     for step in range(1, args.steps + 1):
-        logits, labels = model.forward_batch(next(stream))
-        loss = cross_entropy(logits, labels, ignore_index=PAD)
-        loss_value = loss.item()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        loss_value = run.train_step()[0]
         if step % SAMPLE_EVERY == 0 or step == args.steps:
             samples.append({"step": step, **memory_mib()})
     seconds = time.perf_counter() - start
@@ -75,7 +61,7 @@ def main():
                "rss_at_step_100_mib": settled and settled["rss"], "rss_at_end_mib": end["rss"],
                "growth_after_step_100_percent": growth, "final_loss": loss_value, "train_s": seconds,
                "source": end["source"], "samples": samples}
-    settings = {"config": config, "steps": args.steps, "sample_every": SAMPLE_EVERY, "evaluation": None}
+    settings = {"config": config, "steps": args.steps, "sample_every": SAMPLE_EVERY, "evaluation": None, "tinyattn_threads": run.sharded.shards}
     common.write_results("memory", machine, settings, figures, args.out)
 
     mib = lambda value: "-" if value is None else f"{value:.1f} MiB"

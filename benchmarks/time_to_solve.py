@@ -2,8 +2,9 @@
 
     python benchmarks/time_to_solve.py [--max-steps 1500 --skip-torch]
 
-Both sides train train.py's default run: the same initial weights, the same batches from
-the same seeded stream, Adam lr 3e-3 with 100 warm-up steps and cosine decay over 1500
+Both sides train train.py's default run (tinyattn's is train.Run itself, its step
+splitting the batch into shards that run side by side): the same initial weights, the
+same batches from the same seeded stream, Adam lr 3e-3 with 100 warm-up steps and cosine decay over 1500
 (tinyattn.optim.WarmupCosine; the twin a LambdaLR of the same curve). Every 100 steps
 each greedy-decodes the 512 held-out sequences of tinyattn.tasks' eval_set and stops
 once its exact-match reaches 99%. The sides take turns 100 steps at a time in one
@@ -16,10 +17,7 @@ import argparse
 import time
 
 import common
-from models import build_model
-from tinyattn import optim
-from tinyattn.functional import cross_entropy
-from tinyattn.tasks import EOS, PAD
+from tinyattn.tasks import EOS
 
 PAUSE_S = 0.25
 
@@ -39,13 +37,13 @@ class Side:
     def advance(self, count):
         start = time.perf_counter()
         for _ in range(count):
-            self.last_loss = self.train_step(next(self.stream))
+            self.last_loss = self.train_step()
         self.train_s += time.perf_counter() - start
         self.step += count
 
-    def train_step(self, batch):
-        """One optimizer and schedule step; both frameworks spell it the same way."""
-        loss = self.loss(batch)
+    def train_step(self):
+        """One optimizer and schedule step on the next batch."""
+        loss = self.loss(next(self.stream))
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -68,14 +66,11 @@ class TinyattnSide(Side):
     def __init__(self, config, task, eval_batches):
         super().__init__("tinyattn")
         self.task, self.eval_batches = task, eval_batches
-        self.model = build_model(config, task.vocab_size)
-        self.optimizer = optim.Adam(self.model.parameters(), lr=config["lr"])
-        self.schedule = optim.WarmupCosine(self.optimizer, config["warmup"], config["steps"])
-        self.stream = task.batches(config["batch_size"], config["seed"])
+        self.run = common.train_run(config)
+        self.model = self.run.model
 
-    def loss(self, batch):
-        logits, labels = self.model.forward_batch(batch)
-        return cross_entropy(logits, labels, ignore_index=PAD)
+    def train_step(self):
+        return self.run.train_step()[0]
 
     def exact_match(self):
         self.model.eval()
@@ -143,7 +138,7 @@ def main():
     if both:
         figures["ratio_tinyattn_over_torch"] = {key: figures["tinyattn"][key] / figures["torch"][key]
                                                 for key in ("steps", "wall_s", "train_s", "train_ms_per_step")}
-    settings = {"config": config, "max_steps": args.max_steps, "pause_between_turns_s": PAUSE_S,
+    settings = {"config": config, "tinyattn_threads": sides[0].run.sharded.shards, "max_steps": args.max_steps, "pause_between_turns_s": PAUSE_S,
                 "schedule": "WarmupCosine(warmup 100, total 1500); torch: LambdaLR of the same curve",
                 "evaluation": "greedy decoding of 512 held-out sequences (tinyattn with KV cache, torch without)",
                 "torch": torch is not None}
