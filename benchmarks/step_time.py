@@ -37,7 +37,7 @@ def tinyattn_step(model, optimizer, batch, sharded):
     """One training step as train.py takes it (the batch's shards side by side), timed; returns (seconds, loss)."""
     start = time.perf_counter()
     optimizer.zero_grad()
-    value, _ = forward_backward(model, batch, sharded)
+    value, _ = forward_backward(model, optimizer.params, batch, sharded)
     optimizer.step()
     return time.perf_counter() - start, value
 

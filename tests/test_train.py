@@ -194,7 +194,7 @@ def test_forward_backward_on_two_shards_gives_the_whole_batch_loss_and_gradients
     batch = next(runs[0].stream)
     results = []
     for run, shards in zip(runs, (1, 2)):
-        results.append(train.forward_backward(run.model, batch, train.ShardedBackward(shards)))
+        results.append(train.forward_backward(run.model, run.params, batch, train.ShardedBackward(shards)))
     (loss_one, predictions_one), (loss_two, predictions_two) = results
     assert loss_two == pytest.approx(loss_one, rel=1e-6)
     assert len(predictions_one) == 1 and len(predictions_two) == 2
