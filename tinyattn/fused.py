@@ -11,6 +11,7 @@ benchmarks/): a reduction over a short last axis is several times slower than th
 sum as a matrix-vector product, and `(B, T, K) @ (K, N)` is much faster as one 2-D GEMM
 over B*T rows than as B small GEMMs.
 """
+import functools
 import math
 
 from .backend import matmul
@@ -27,15 +28,22 @@ def refuse_create_graph(name, twin):
         raise RuntimeError(f"{name} supports first-order gradients only; for gradients of gradients use {twin}")
 
 
+@functools.lru_cache(maxsize=256)
+def filled_vector(xp, length, value, dtype):
+    """A vector of `length` copies of `value`, made once and shared: the GEMVs below take
+    one every call, and making it each time costs more than the product. Never write to it."""
+    return xp.full(length, value, dtype=dtype)
+
+
 def row_sum(xp, a):
     """Sum over the last axis, keepdims, as a matrix-vector product."""
     n = a.shape[-1]
-    return matmul(a.reshape(-1, n), xp.ones(n, dtype=a.dtype)).reshape(a.shape[:-1] + (1,))
+    return matmul(a.reshape(-1, n), filled_vector(xp, n, 1.0, a.dtype)).reshape(a.shape[:-1] + (1,))
 
 
 def column_sum(xp, a2):
     """Sum of the rows of a 2-D array, as a vector-matrix product."""
-    return matmul(xp.ones(a2.shape[0], dtype=a2.dtype), a2)
+    return matmul(filled_vector(xp, a2.shape[0], 1.0, a2.dtype), a2)
 
 
 def row_max(xp, a2):
@@ -53,7 +61,7 @@ def normalize_rows(xp, rows, eps):
     """Each row of a 2-D array minus its mean, over its standard deviation; returns
     (normalized, 1/std as an (N, 1) column). Row statistics are GEMVs (see row_sum)."""
     dim = rows.shape[-1]
-    ones_over_dim = xp.full(dim, 1.0 / dim, dtype=rows.dtype)
+    ones_over_dim = filled_vector(xp, dim, 1.0 / dim, rows.dtype)
     centered = rows - matmul(rows, ones_over_dim)[:, None]
     variance = matmul(centered * centered, ones_over_dim)
     inverse_std = (1.0 / xp.sqrt(variance + eps))[:, None]
@@ -69,7 +77,7 @@ def normalize_rows_backward(xp, grad, normalized, inverse_std, weight=None, grad
     dx = rstd * (g*w - mean(g*w) - n * mean(g*w*n)); both means are GEMVs with w / d.
     """
     dim = normalized.shape[-1]
-    means_with = xp.full(dim, 1.0 / dim, dtype=grad.dtype) if weight is None else weight * (1.0 / dim)
+    means_with = filled_vector(xp, dim, 1.0 / dim, grad.dtype) if weight is None else weight * (1.0 / dim)
     if grad_times_normalized is None:
         grad_times_normalized = grad * normalized
     mean_gw = matmul(grad, means_with)[:, None]
