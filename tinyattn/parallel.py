@@ -91,6 +91,6 @@ class ShardedBackward:
             for part in parts[2:]:
                 total += part
             if param.grad is None:
-                param.grad = Tensor(total)
+                param.grad = Tensor._from_array(total)
             else:
                 param.grad.data += total
