@@ -71,7 +71,7 @@ def build_parser():
     training.add_argument("--seed", type=int, help="seed of weights, data and dropout (default 0)")
     training.add_argument("--device", choices=["cpu", "cuda"], help="backend: cpu (NumPy) or cuda (CuPy) (default: TINYATTN_DEVICE or cpu)")
     training.add_argument("--threads", type=int, help="threads that share each step, each on its own part of the batch "
-                          "(default 2 on a CPU with two or more cores, else 1; 1 with dropout)")
+                          "(default 2 on a CPU with two or more cores when each part gets enough rows, else 1; 1 with dropout)")
     training.add_argument("--stop-at", type=int, help="stop at this step and save, as if interrupted (to split a run in parts)")
     files = parser.add_argument_group("files")
     files.add_argument("--out", help=f"folder for {CHECKPOINT_NAME} (default runs)")
@@ -133,11 +133,23 @@ def settings_from(args, saved=None, parser=None):
 
 # --- training -------------------------------------------------------------------------
 
+# Fewer rows than this per thread, and a part's fixed cost per step (Python building and
+# walking the graph, dispatching each op), which threads take turns at, outweighs what the
+# second core saves. Measured on the 2-core machine, 2 threads against 1 (docs/performance.md):
+# transformer 0.82x the time at batch 64 but 1.05x at 48; gpt 0.67x at 64, 0.99x at 32; the
+# GRU models, a long chain of small per-token ops, 1.8x at 64 and 0.86x at 256.
+MIN_ROWS_PER_THREAD = {"transformer": 32, "gpt": 32, "rnn": 128, "rnn-attention": 128}
+
+
 def shards_for(config):
-    """The --threads setting, or its default for this device and model."""
+    """The --threads setting, or its default: as many threads as the device allows
+    (tinyattn.parallel.default_shards) while each gets enough rows, 1 with dropout."""
     if config["threads"] is not None:
         return config["threads"]
-    return 1 if config["dropout"] else default_shards(config["device"] or ta.get_default_device())
+    if config["dropout"]:
+        return 1
+    most = default_shards(config["device"] or ta.get_default_device())
+    return most if config["batch_size"] >= most * MIN_ROWS_PER_THREAD[config["model"]] else 1
 
 
 def forward_backward(model, params, batch, sharded):

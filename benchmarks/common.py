@@ -34,11 +34,17 @@ REFERENCE = dict(task="reverse", model="transformer", vocab=10, min_len=1, max_l
 COMPUTE_BOUND = dict(REFERENCE, d_model=256, layers=4, d_ff=1024, heads=4, max_len=32)
 
 
+def train_config(config=REFERENCE):
+    """A benchmark config as train.py's full config (its defaults for what it does not set)."""
+    import train  # the script at the repository root, on sys.path above
+    return dict(train.DEFAULTS, **{key: value for key, value in config.items() if key in train.DEFAULTS})
+
+
 def train_run(config=REFERENCE):
     """train.py's Run for a benchmark config: its model, Adam, schedule, batch stream and
     step (the batch's shards side by side), so benchmarks time what `python train.py` does."""
-    import train  # the script at the repository root, on sys.path above
-    return train.Run(dict(train.DEFAULTS, **{key: value for key, value in config.items() if key in train.DEFAULTS}))
+    import train
+    return train.Run(train_config(config))
 
 
 def setup():

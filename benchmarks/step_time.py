@@ -27,8 +27,8 @@ import time
 import common
 from models import build_model
 from tinyattn import optim
-from tinyattn.parallel import ShardedBackward, default_shards
-from train import forward_backward
+from tinyattn.parallel import ShardedBackward
+from train import forward_backward, shards_for
 
 DISTINCT_BATCHES = 32
 
@@ -67,7 +67,7 @@ def reference_pairs(args, torch):
     stream = task.batches(config["batch_size"], config["seed"])
     batches = [next(stream) for _ in range(DISTINCT_BATCHES)]
     sides = {}
-    shard_counts = {"tinyattn": default_shards()}
+    shard_counts = {"tinyattn": shards_for(common.train_config(config))}
     if shard_counts["tinyattn"] > 1:  # train.py's default, and the same engine on one thread for comparison
         shard_counts["tinyattn-1thread"] = 1
     for name, shards in shard_counts.items():
@@ -121,7 +121,7 @@ def compute_bound(args):
     batches = [next(stream) for _ in range(8)]
     model = build_model(config, task.vocab_size)
     optimizer = optim.Adam(model.parameters(), lr=config["lr"])
-    sharded = ShardedBackward(default_shards())
+    sharded = ShardedBackward(shards_for(common.train_config(config)))
     probes = {256: common.GemmProbe(256, 40), 512: common.GemmProbe(512, 6)}
     for i in range(3):
         tinyattn_step(model, optimizer, batches[i % len(batches)], sharded)

@@ -188,6 +188,14 @@ def test_two_threads_train_as_one_does_up_to_rounding(tmp_path):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-3)
 
 
+@pytest.mark.parametrize("settings, threads", [
+    ({}, 2), ({"batch_size": 32}, 1), ({"model": "gpt"}, 2), ({"model": "rnn-attention"}, 1),
+    ({"model": "rnn", "batch_size": 256}, 2), ({"dropout": 0.1}, 1), ({"threads": 1}, 1), ({"threads": 3, "batch_size": 16}, 3)])
+def test_default_threads_go_where_they_pay(monkeypatch, settings, threads):
+    monkeypatch.setattr(train, "default_shards", lambda device: 2)  # a 2-core CPU whose BLAS threads can be set
+    assert train.shards_for(dict(train.DEFAULTS, **settings)) == threads
+
+
 def test_forward_backward_on_two_shards_gives_the_whole_batch_loss_and_gradients():
     config = dict(train.DEFAULTS, task="copy", vocab=4, max_len=4, d_model=32, heads=2, layers=1, d_ff=64, batch_size=32)
     runs = [train.Run(config) for _ in range(2)]
