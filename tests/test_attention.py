@@ -39,6 +39,7 @@ CASES = {
     "padding": dict(q=(2, 2, 3, 4), k=(2, 2, 3, 4), mask=padding_mask([3, 1], 3), causal=False),
     "cross T != S": dict(q=(2, 2, 2, 3), k=(2, 2, 5, 3), mask=padding_mask([5, 2], 5), causal=False),
     "causal + padding": dict(q=(2, 1, 4, 3), k=(2, 1, 4, 3), mask=padding_mask([4, 2], 4), causal=True),
+    "one query (a decoding step)": dict(q=(2, 2, 1, 3), k=(2, 2, 5, 3), mask=padding_mask([5, 2], 5), causal=False),
 }
 
 

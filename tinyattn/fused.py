@@ -183,7 +183,9 @@ class FusedAttention(Function):
         mask_bias = additive_mask(self.xp, allowed, q.dtype)
         self.scale = _inverse_sqrt_dim(q)
         q_scaled = q * self.scale
-        k_t = self.xp.ascontiguousarray(k.swapaxes(-1, -2))  # a contiguous K^T makes the batched GEMMs twice as fast
+        # A contiguous K^T makes the batched GEMMs twice as fast, but copying it costs as much
+        # as the scores of one query: a decoding step (one new query against the cache) skips it.
+        k_t = k.swapaxes(-1, -2) if q.shape[-2] == 1 else self.xp.ascontiguousarray(k.swapaxes(-1, -2))
         out, self.weights, self.attended = attention_forward(self.xp, q_scaled, k_t, v, mask_bias, keep_scale)
         self.q_scaled, self.keep_scale = q_scaled, keep_scale
         if weights_sink is not None:  # a Function has one output; the weights leave through this list
