@@ -135,9 +135,9 @@ def settings_from(args, saved=None, parser=None):
 
 # Fewer rows than this per thread, and a part's fixed cost per step (Python building and
 # walking the graph, dispatching each op), which threads take turns at, outweighs what the
-# second core saves. Measured on the 2-core machine, 2 threads against 1 (docs/performance.md):
-# transformer 0.82x the time at batch 64 but 1.05x at 48; gpt 0.67x at 64, 0.99x at 32; the
-# GRU models, a long chain of small per-token ops, 1.8x at 64 and 0.86x at 256.
+# second core saves. `python benchmarks/threads.py` on the 2-core machine, 2 threads' step
+# time over 1 thread's: transformer 0.91 at batch 64, 0.98 at 48, 1.07 at 32; gpt 0.76 at
+# 64, 1.04 at 32; the GRU models, a long chain of small per-token ops, 1.74 at 64, 0.93 at 256.
 MIN_ROWS_PER_THREAD = {"transformer": 32, "gpt": 32, "rnn": 128, "rnn-attention": 128}
 
 
