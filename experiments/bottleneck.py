@@ -8,7 +8,7 @@ budget of steps on copy and on reversal of sequences of length 1..32:
 then decodes a held-out set and reports exact-match and token accuracy by source length.
 Writes results.json, results.md (tables) and accuracy_by_length.svg (a line chart).
 
-    python experiments/bottleneck.py            # the full run, about 12 minutes on 2 cores
+    python experiments/bottleneck.py            # the full run, about 10 minutes on 2 cores
     python experiments/bottleneck.py --quick    # a tiny end-to-end run, seconds
 """
 import argparse
