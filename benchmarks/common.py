@@ -47,9 +47,13 @@ def train_run(config=REFERENCE):
     return train.Run(train_config(config))
 
 
-def setup():
-    """Tune glibc's allocator as train.py does; returns whether it was applied (goes into the results)."""
-    return tune_allocator()
+def start():
+    """What every benchmark does first: tune glibc's allocator as train.py does, then print
+    and return the machine facts for the results (whether the tuning applied among them).
+    Import torch (torch_or_none) before this, so they record it."""
+    machine = machine_info(tune_allocator())
+    print_machine(machine)
+    return machine
 
 
 def task_for(config):

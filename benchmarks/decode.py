@@ -61,9 +61,7 @@ def main():
     args = parser.parse_args()
     if any(not 1 <= length <= MAX_LEN for length in args.lengths):
         parser.error(f"--lengths must lie in 1..{MAX_LEN}")
-    allocator = common.setup()
-    machine = common.machine_info(allocator)
-    common.print_machine(machine)
+    machine = common.start()
     config = dict(common.REFERENCE, max_len=MAX_LEN)
     task = common.task_for(config)
     model = build_model(config, task.vocab_size)  # Seq2SeqTransformer, positions for MAX_LEN + 1 decoder tokens

@@ -36,9 +36,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
     common.add_out_argument(parser, "memory")
     args = parser.parse_args()
-    allocator = common.setup()
-    machine = common.machine_info(allocator)
-    common.print_machine(machine)
+    machine = common.start()
     config = common.REFERENCE
     before_model = memory_mib()
     run = common.train_run(config)

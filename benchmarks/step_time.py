@@ -155,10 +155,8 @@ def main():
     parser.add_argument("--skip-torch", action="store_true", help="time tinyattn only")
     common.add_out_argument(parser, "step_time")
     args = parser.parse_args()
-    allocator = common.setup()
     torch = common.torch_or_none(args.skip_torch)
-    machine = common.machine_info(allocator)
-    common.print_machine(machine)
+    machine = common.start()
     print(f"reference config: {args.warmup} warm-up + {args.pairs} timed steps per side, alternating ...", flush=True)
     reference = reference_pairs(args, torch)
     compute = None

@@ -69,9 +69,7 @@ def main():
     parser.add_argument("--pause", type=float, default=0.05, help="seconds of sleep before each block (default 0.05)")
     common.add_out_argument(parser, "threads")
     args = parser.parse_args()
-    allocator = common.setup()
-    machine = common.machine_info(allocator)
-    common.print_machine(machine)
+    machine = common.start()
     if default_shards() < 2:
         print("this machine cannot run 2 threads per step (one core, or a BLAS whose threads tinyattn cannot set): nothing to compare")
         return

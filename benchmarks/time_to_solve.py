@@ -104,10 +104,8 @@ def main():
     parser.add_argument("--skip-torch", action="store_true", help="train tinyattn only")
     common.add_out_argument(parser, "time_to_solve")
     args = parser.parse_args()
-    allocator = common.setup()
     torch = common.torch_or_none(args.skip_torch)
-    machine = common.machine_info(allocator)
-    common.print_machine(machine)
+    machine = common.start()
     config = common.REFERENCE
     task = common.task_for(config)
     eval_batches = task.eval_set(config["eval_size"], config["seed"], batch_size=512)
@@ -142,7 +140,7 @@ def main():
                 "schedule": "WarmupCosine(warmup 100, total 1500); torch: LambdaLR of the same curve",
                 "evaluation": "greedy decoding of 512 held-out sequences (tinyattn with KV cache, torch without)",
                 "torch": torch is not None}
-    common.write_results("time_to_solve", common.machine_info(allocator), settings, figures, args.out)
+    common.write_results("time_to_solve", machine, settings, figures, args.out)
 
     print(f"\ntime to {target:.0%} held-out exact-match, reference config (reverse, vocab 10, lengths 1..16)")
     rows = []

@@ -190,7 +190,7 @@ def main():
     from tinyattn import optim
     from tinyattn.functional import cross_entropy
 
-    allocator = common.setup()
+    machine = common.start()
     config = common.REFERENCE
     task = common.task_for(config)
     model = build_model(config, task.vocab_size)
@@ -241,8 +241,6 @@ def main():
                "max_relative_gradient_difference": grad_error, "lr_after_20_steps_equal": lr_match,
                "max_abs_weight_difference_after_20_adam_steps": weight_error,
                "identical_greedy_rows_after_20_steps": f"{same_rows}/{len(tiny_rows)}"}
-    machine = common.machine_info(allocator)
-    common.print_machine(machine)
     common.write_results("twin", machine, {"config": config, "batch_shape": list(batch.source.shape)}, figures)
     print("\nPyTorch twin vs tinyattn, same initial weights and batches (reference config)")
     common.table(["check", "value"], [
