@@ -47,6 +47,17 @@ def train_run(config=REFERENCE):
     return train.Run(train_config(config))
 
 
+def timed_train_step(model, optimizer, batch, sharded):
+    """One training step as train.py takes it (zero_grad, train.forward_backward with the
+    batch's shards side by side, Adam step), timed; returns (seconds, loss)."""
+    from train import forward_backward
+    start_time = time.perf_counter()
+    optimizer.zero_grad()
+    loss, _ = forward_backward(model, optimizer.params, batch, sharded)
+    optimizer.step()
+    return time.perf_counter() - start_time, loss
+
+
 def start():
     """What every benchmark does first: tune glibc's allocator as train.py does, then print
     and return the machine facts for the results (whether the tuning applied among them).

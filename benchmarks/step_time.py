@@ -28,18 +28,9 @@ import common
 from models import build_model
 from tinyattn import optim
 from tinyattn.parallel import ShardedBackward
-from train import forward_backward, shards_for
+from train import shards_for
 
 DISTINCT_BATCHES = 32
-
-
-def tinyattn_step(model, optimizer, batch, sharded):
-    """One training step as train.py takes it (the batch's shards side by side), timed; returns (seconds, loss)."""
-    start = time.perf_counter()
-    optimizer.zero_grad()
-    value, _ = forward_backward(model, optimizer.params, batch, sharded)
-    optimizer.step()
-    return time.perf_counter() - start, value
 
 
 def torch_step(twin, optimizer, tensors):
@@ -57,7 +48,7 @@ def tinyattn_side(config, task, batches, shards):
     model = build_model(config, task.vocab_size)
     optimizer = optim.Adam(model.parameters(), lr=config["lr"])
     sharded = ShardedBackward(shards)
-    return model, lambda i: tinyattn_step(model, optimizer, batches[i % len(batches)], sharded)
+    return model, lambda i: common.timed_train_step(model, optimizer, batches[i % len(batches)], sharded)
 
 
 def reference_pairs(args, torch):
@@ -124,13 +115,13 @@ def compute_bound(args):
     sharded = ShardedBackward(shards_for(common.train_config(config)))
     probes = {256: common.GemmProbe(256, 40), 512: common.GemmProbe(512, 6)}
     for i in range(3):
-        tinyattn_step(model, optimizer, batches[i % len(batches)], sharded)
+        common.timed_train_step(model, optimizer, batches[i % len(batches)], sharded)
         for probe in probes.values():
             probe.sample()
     step_times, step_rates, gemm = [], [], {n: [] for n in probes}
     for i in range(args.compute_steps):
         batch = batches[i % len(batches)]
-        seconds, _ = tinyattn_step(model, optimizer, batch, sharded)
+        seconds, _ = common.timed_train_step(model, optimizer, batch, sharded)
         step_times.append(seconds)
         step_rates.append(common.training_step_flops(batch, config, task.vocab_size) / seconds / 1e9)
         for n, probe in probes.items():

@@ -16,7 +16,7 @@ import time
 
 import common
 from tinyattn.parallel import ShardedBackward, default_shards
-from train import forward_backward, shards_for
+from train import shards_for
 
 # (name, changes to the reference config, whether a step takes long enough to need fewer of them)
 CONFIGS = [
@@ -44,11 +44,7 @@ def compare(config, rounds, block, pause):
     def step(threads):
         batch = batches[position[threads] % DISTINCT_BATCHES]
         position[threads] += 1
-        start = time.perf_counter()
-        run.optimizer.zero_grad()
-        forward_backward(run.model, run.params, batch, sharded[threads])
-        run.optimizer.step()
-        return time.perf_counter() - start
+        return common.timed_train_step(run.model, run.optimizer, batch, sharded[threads])[0]
 
     for threads in (1, 2):
         step(threads)
