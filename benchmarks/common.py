@@ -1,7 +1,7 @@
 """What the benchmarks share: the reference config, machine facts, JSON results, medians, FLOP counts.
 
 The benchmarks run as scripts (`python benchmarks/step_time.py`), so this module puts the
-repository root on sys.path for `models`. It never imports torch: memory.py must not pay
+repository root on sys.path: they time the checkout's `models` and `tinyattn`, installed or not. It never imports torch: memory.py must not pay
 for it, and every benchmark has to run where torch is absent.
 """
 import importlib.metadata
@@ -21,36 +21,28 @@ import numpy  # noqa: E402  (host-side GEMM reference and version only; tensors 
 
 import tinyattn as ta  # noqa: E402
 from tinyattn.allocator import tune_allocator  # noqa: E402
+from models import Config  # noqa: E402
+from models.training import Run, forward_backward  # noqa: E402
 from tinyattn.tasks import SequenceTask  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
-# train.py's defaults: what `python train.py` trains, as a config build_model accepts.
-REFERENCE = dict(task="reverse", model="transformer", vocab=10, min_len=1, max_len=16, d_model=64, heads=4, layers=2,
-                 d_ff=256, dropout=0.0, positional="learned", activation="relu", batch_size=64, lr=3e-3,
-                 warmup=100, steps=1500, eval_every=100, eval_size=512, target_accuracy=0.99, seed=0)
+# What `python train.py` trains: its defaults.
+REFERENCE = Config()
 # Wide enough that matrix products, not Python, should dominate the step.
-COMPUTE_BOUND = dict(REFERENCE, d_model=256, layers=4, d_ff=1024, heads=4, max_len=32)
-
-
-def train_config(config=REFERENCE):
-    """A benchmark config as train.py's full config (its defaults for what it does not set)."""
-    import train  # the script at the repository root, on sys.path above
-    return dict(train.DEFAULTS, **{key: value for key, value in config.items() if key in train.DEFAULTS})
+COMPUTE_BOUND = REFERENCE.replace(d_model=256, layers=4, d_ff=1024, heads=4, max_len=32)
 
 
 def train_run(config=REFERENCE):
     """train.py's Run for a benchmark config: its model, Adam, schedule, batch stream and
     step (the batch's shards side by side), so benchmarks time what `python train.py` does."""
-    import train
-    return train.Run(train_config(config))
+    return Run(config)
 
 
 def timed_train_step(model, optimizer, batch, sharded):
-    """One training step as train.py takes it (zero_grad, train.forward_backward with the
-    batch's shards side by side, Adam step), timed; returns (seconds, loss)."""
-    from train import forward_backward
+    """One training step as train.py takes it (zero_grad, models.training.forward_backward
+    with the batch's shards side by side, Adam step), timed; returns (seconds, loss)."""
     start_time = time.perf_counter()
     optimizer.zero_grad()
     loss, _ = forward_backward(model, optimizer.params, batch, sharded)
@@ -68,7 +60,7 @@ def start():
 
 
 def task_for(config):
-    return SequenceTask(config["task"], config["vocab"], config["min_len"], config["max_len"])
+    return SequenceTask(config.task, config.vocab, config.min_len, config.max_len)
 
 
 def torch_or_none(skip=False):
@@ -186,7 +178,7 @@ def seq2seq_forward_flops(batch_size, source_length, target_length, config, voca
     actually computed. Not counted: embeddings, layer norms, softmax, elementwise ops.
     """
     B, S, T = batch_size, source_length, target_length
-    d, f, L = config["d_model"], config["d_ff"], config["layers"]
+    d, f, L = config.d_model, config.d_ff, config.layers
     encoder_layer = (4 * 2 * B * S * d * d        # q, k, v, out projections
                      + 2 * 2 * B * S * S * d      # QK^T and PV over all heads
                      + 2 * 2 * B * S * d * f)     # feed-forward

@@ -62,7 +62,7 @@ def main():
     if any(not 1 <= length <= MAX_LEN for length in args.lengths):
         parser.error(f"--lengths must lie in 1..{MAX_LEN}")
     machine = common.start()
-    config = dict(common.REFERENCE, max_len=MAX_LEN)
+    config = common.REFERENCE.replace(max_len=MAX_LEN)
     task = common.task_for(config)
     model = build_model(config, task.vocab_size)  # Seq2SeqTransformer, positions for MAX_LEN + 1 decoder tokens
     model.head.bias.data[EOS] = -1e4  # never predict EOS: every row generates every token
@@ -71,7 +71,7 @@ def main():
     for length in args.lengths:
         print(f"decoding {args.batch} sources of length {length}, {args.repeats} times each way ...", flush=True)
         results.append(measure(model, task, length, args))
-    settings = {"config": config, "batch": args.batch, "repeats": args.repeats, "lengths": args.lengths,
+    settings = {"config": config.to_dict(), "batch": args.batch, "repeats": args.repeats, "lengths": args.lengths,
                 "model": "Seq2SeqTransformer via models.build_model, untrained, head bias[EOS] = -1e4"}
     common.write_results("decode", machine, settings, {"by_length": results}, args.out)
 

@@ -59,7 +59,7 @@ def main():
                "rss_at_step_100_mib": settled and settled["rss"], "rss_at_end_mib": end["rss"],
                "growth_after_step_100_percent": growth, "final_loss": loss_value, "train_s": seconds,
                "source": end["source"], "samples": samples}
-    settings = {"config": config, "steps": args.steps, "sample_every": SAMPLE_EVERY, "evaluation": None, "tinyattn_threads": run.sharded.shards}
+    settings = {"config": config.to_dict(), "steps": args.steps, "sample_every": SAMPLE_EVERY, "evaluation": None, "tinyattn_threads": run.sharded.shards}
     common.write_results("memory", machine, settings, figures, args.out)
 
     mib = lambda value: "-" if value is None else f"{value:.1f} MiB"

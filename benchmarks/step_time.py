@@ -28,7 +28,7 @@ import common
 from models import build_model
 from tinyattn import optim
 from tinyattn.parallel import ShardedBackward
-from train import shards_for
+from models.training import shards_for
 
 DISTINCT_BATCHES = 32
 
@@ -46,7 +46,7 @@ def torch_step(twin, optimizer, tensors):
 def tinyattn_side(config, task, batches, shards):
     """A fresh model (the config's seed: every side starts from the same weights) and its timed step on batch i."""
     model = build_model(config, task.vocab_size)
-    optimizer = optim.Adam(model.parameters(), lr=config["lr"])
+    optimizer = optim.Adam(model.parameters(), lr=config.lr)
     sharded = ShardedBackward(shards)
     return model, lambda i: common.timed_train_step(model, optimizer, batches[i % len(batches)], sharded)
 
@@ -55,10 +55,10 @@ def reference_pairs(args, torch):
     """Alternating steps on the reference config; returns the figures."""
     config = common.REFERENCE
     task = common.task_for(config)
-    stream = task.batches(config["batch_size"], config["seed"])
+    stream = task.batches(config.batch_size, config.seed)
     batches = [next(stream) for _ in range(DISTINCT_BATCHES)]
     sides = {}
-    shard_counts = {"tinyattn": shards_for(common.train_config(config))}
+    shard_counts = {"tinyattn": shards_for(config)}
     if shard_counts["tinyattn"] > 1:  # train.py's default, and the same engine on one thread for comparison
         shard_counts["tinyattn-1thread"] = 1
     for name, shards in shard_counts.items():
@@ -66,7 +66,7 @@ def reference_pairs(args, torch):
     if torch is not None:
         from twin import Seq2SeqTwin, batch_tensors
         twin = Seq2SeqTwin.from_tinyattn(model)  # same starting weights
-        twin_optimizer = torch.optim.Adam(twin.parameters(), lr=config["lr"])
+        twin_optimizer = torch.optim.Adam(twin.parameters(), lr=config.lr)
         tensors = [batch_tensors(batch) for batch in batches]
         sides["torch"] = lambda i: torch_step(twin, twin_optimizer, tensors[i % len(tensors)])
     names = list(sides)
@@ -108,11 +108,11 @@ def compute_bound(args):
     """tinyattn's step on the wide config, with NumPy GEMM samples taken between its steps."""
     config = common.COMPUTE_BOUND
     task = common.task_for(config)
-    stream = task.batches(config["batch_size"], config["seed"])
+    stream = task.batches(config.batch_size, config.seed)
     batches = [next(stream) for _ in range(8)]
     model = build_model(config, task.vocab_size)
-    optimizer = optim.Adam(model.parameters(), lr=config["lr"])
-    sharded = ShardedBackward(shards_for(common.train_config(config)))
+    optimizer = optim.Adam(model.parameters(), lr=config.lr)
+    sharded = ShardedBackward(shards_for(config))
     probes = {256: common.GemmProbe(256, 40), 512: common.GemmProbe(512, 6)}
     for i in range(3):
         common.timed_train_step(model, optimizer, batches[i % len(batches)], sharded)
@@ -154,7 +154,7 @@ def main():
     if args.compute_steps > 0:
         print(f"compute-bound config: {args.compute_steps} steps, NumPy GEMM samples between them ...", flush=True)
         compute = compute_bound(args)
-    settings = {"reference_config": common.REFERENCE, "compute_bound_config": common.COMPUTE_BOUND,
+    settings = {"reference_config": common.REFERENCE.to_dict(), "compute_bound_config": common.COMPUTE_BOUND.to_dict(),
                 "pairs": args.pairs, "warmup": args.warmup, "block": args.block, "pause_s": args.pause, "compute_steps": args.compute_steps,
                 "distinct_batches": DISTINCT_BATCHES, "optimizer": "Adam lr 3e-3, constant", "torch": torch is not None}
     common.write_results("step_time", machine, settings, {"reference": reference, "compute_bound": compute}, args.out)

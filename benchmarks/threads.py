@@ -16,7 +16,7 @@ import time
 
 import common
 from tinyattn.parallel import ShardedBackward, default_shards
-from train import shards_for
+from models.training import shards_for
 
 # (name, changes to the reference config, whether a step takes long enough to need fewer of them)
 CONFIGS = [
@@ -29,7 +29,7 @@ CONFIGS = [
     ("gpt, batch 32", {"model": "gpt", "batch_size": 32}, False),
     ("rnn-attention, batch 64", {"model": "rnn-attention"}, False),
     ("rnn-attention, batch 256", {"model": "rnn-attention", "batch_size": 256}, True),
-    ("compute-bound: d_model 256, 4+4 layers, batch 64", dict(common.COMPUTE_BOUND), True),
+    ("compute-bound: d_model 256, 4+4 layers, batch 64", common.COMPUTE_BOUND.to_dict(), True),
 ]
 DISTINCT_BATCHES = 16
 
@@ -55,7 +55,7 @@ def compare(config, rounds, block, pause):
             times[threads] += [step(threads) for _ in range(block)]
     return {"median_step_ms": {str(k): common.median(t) * 1e3 for k, t in times.items()},
             "median_ratio_2_over_1": common.median_ratio(times[2], times[1]),
-            "steps_each": rounds * block, "default_threads": shards_for(common.train_config(config))}
+            "steps_each": rounds * block, "default_threads": shards_for(config)}
 
 
 def main():
@@ -73,7 +73,7 @@ def main():
     heavy_rounds, heavy_block = max(2, args.rounds // 4), max(1, args.block // 2)
     for name, overrides, heavy in CONFIGS:
         print(f"{name} ...", flush=True)
-        figures[name] = compare(dict(common.REFERENCE, **overrides), heavy_rounds if heavy else args.rounds,
+        figures[name] = compare(common.REFERENCE.replace(**overrides), heavy_rounds if heavy else args.rounds,
                                 heavy_block if heavy else args.block, args.pause)
     settings = {"configs": {name: overrides for name, overrides, _ in CONFIGS}, "rounds": args.rounds, "block": args.block,
                 "pause_s": args.pause, "heavy_configs_rounds_block": [heavy_rounds, heavy_block]}

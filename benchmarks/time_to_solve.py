@@ -2,7 +2,7 @@
 
     python benchmarks/time_to_solve.py [--max-steps 1500 --skip-torch]
 
-Both sides train train.py's default run (tinyattn's is train.Run itself, its step
+Both sides train train.py's default run (tinyattn's is models.training.Run itself, its step
 splitting the batch into shards that run side by side): the same initial weights, the
 same batches from the same seeded stream, Adam lr 3e-3 with 100 warm-up steps and cosine decay over 1500
 (tinyattn.optim.WarmupCosine; the twin a LambdaLR of the same curve). Every 100 steps
@@ -85,9 +85,9 @@ class TorchSide(Side):
         super().__init__("torch")
         self.task, self.eval_batches, self.to_torch = task, eval_batches, batch_tensors
         self.model = Seq2SeqTwin.from_tinyattn(initial_model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config["lr"])
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine_factor(config["warmup"], config["steps"]))
-        self.stream = task.batches(config["batch_size"], config["seed"])
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine_factor(config.warmup, config.steps))
+        self.stream = task.batches(config.batch_size, config.seed)
         self.eval_sources = [batch_tensors(batch)[0] for batch in eval_batches]
 
     def loss(self, batch):
@@ -108,12 +108,12 @@ def main():
     machine = common.start()
     config = common.REFERENCE
     task = common.task_for(config)
-    eval_batches = task.eval_set(config["eval_size"], config["seed"], batch_size=512)
+    eval_batches = task.eval_set(config.eval_size, config.seed, batch_size=512)
     sides = [TinyattnSide(config, task, eval_batches)]
     if torch is not None:
         sides.append(TorchSide(torch, config, task, eval_batches, sides[0].model))  # built before any step: same weights
-    target, every = config["target_accuracy"], config["eval_every"]
-    print(f"training to {target:.0%} exact-match on {config['eval_size']} held-out sequences, "
+    target, every = config.target_accuracy, config.eval_every
+    print(f"training to {target:.0%} exact-match on {config.eval_size} held-out sequences, "
           f"evaluating every {every} steps, at most {args.max_steps} steps", flush=True)
     for turn in range(-(-args.max_steps // every)):
         running = [side for side in sides if side.solved_at is None]
@@ -136,7 +136,7 @@ def main():
     if both:
         figures["ratio_tinyattn_over_torch"] = {key: figures["tinyattn"][key] / figures["torch"][key]
                                                 for key in ("steps", "wall_s", "train_s", "train_ms_per_step")}
-    settings = {"config": config, "tinyattn_threads": sides[0].run.sharded.shards, "max_steps": args.max_steps, "pause_between_turns_s": PAUSE_S,
+    settings = {"config": config.to_dict(), "tinyattn_threads": sides[0].run.sharded.shards, "max_steps": args.max_steps, "pause_between_turns_s": PAUSE_S,
                 "schedule": "WarmupCosine(warmup 100, total 1500); torch: LambdaLR of the same curve",
                 "evaluation": "greedy decoding of 512 held-out sequences (tinyattn with KV cache, torch without)",
                 "torch": torch is not None}

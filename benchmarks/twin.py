@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import common  # noqa: F401  (first: it puts the checkout on sys.path when this runs as a script)
 from tinyattn.tasks import BOS, EOS, PAD
 
 
@@ -108,11 +109,10 @@ class Seq2SeqTwin(nn.Module):
     @classmethod
     def from_config(cls, config, vocab_size):
         """The twin of models.build_model(config, vocab_size) for model 'transformer'."""
-        if config["model"] != "transformer" or config.get("dropout", 0.0) or config.get("positional", "learned") != "learned" \
-                or config.get("activation", "relu") != "relu":
+        if config.model != "transformer" or config.dropout:
             raise ValueError("the twin covers the encoder-decoder with learned positions, ReLU and no dropout")
-        return cls(vocab_size, config["d_model"], config["heads"], config["layers"], config["layers"], config["d_ff"],
-                   max_len=config["max_len"] + 1)
+        return cls(vocab_size, config.d_model, config.heads, config.layers, config.layers, config.d_ff,
+                   max_len=config.max_len + 1)
 
     @classmethod
     def from_tinyattn(cls, model):
@@ -185,7 +185,6 @@ def warmup_cosine_factor(warmup_steps, total_steps):
 
 def main():
     """Load tinyattn's initial weights into the twin and compare forward, loss, gradients and decoding."""
-    import common
     from models import build_model
     from tinyattn import optim
     from tinyattn.functional import cross_entropy
@@ -195,7 +194,7 @@ def main():
     task = common.task_for(config)
     model = build_model(config, task.vocab_size)
     twin = Seq2SeqTwin.from_tinyattn(model)
-    batch = next(task.batches(config["batch_size"], config["seed"]))
+    batch = next(task.batches(config.batch_size, config.seed))
     source, decoder_input, labels = batch_tensors(batch)
 
     logits, tinyattn_labels = model.forward_batch(batch)
@@ -212,11 +211,11 @@ def main():
     logit_error = float((twin_logits.detach() - torch.from_numpy(logits.numpy())).abs().max())
 
     # a few identical Adam steps with the same schedule keep both in step
-    tiny_opt = optim.Adam(model.parameters(), lr=config["lr"])
-    tiny_schedule = optim.WarmupCosine(tiny_opt, config["warmup"], config["steps"])
-    twin_opt = torch.optim.Adam(twin.parameters(), lr=config["lr"])
-    twin_schedule = torch.optim.lr_scheduler.LambdaLR(twin_opt, warmup_cosine_factor(config["warmup"], config["steps"]))
-    stream = task.batches(config["batch_size"], config["seed"])
+    tiny_opt = optim.Adam(model.parameters(), lr=config.lr)
+    tiny_schedule = optim.WarmupCosine(tiny_opt, config.warmup, config.steps)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=config.lr)
+    twin_schedule = torch.optim.lr_scheduler.LambdaLR(twin_opt, warmup_cosine_factor(config.warmup, config.steps))
+    stream = task.batches(config.batch_size, config.seed)
     for _ in range(20):
         b = next(stream)
         tiny_opt.zero_grad()
@@ -232,7 +231,7 @@ def main():
     weight_error = max(float((twin_params[name].detach() - torch.from_numpy(p.numpy())).abs().max())
                        for name, p in model.named_parameters())
     model.eval()
-    eval_batch = task.eval_set(64, config["seed"], batch_size=64)[0]
+    eval_batch = task.eval_set(64, config.seed, batch_size=64)[0]
     tiny_rows, _ = model.greedy_decode(eval_batch.source, task.max_len + 1)
     twin_rows = twin.greedy_decode(batch_tensors(eval_batch)[0], task.max_len + 1)
     same_rows = sum(a == b for a, b in zip(tiny_rows, twin_rows))
@@ -241,7 +240,7 @@ def main():
                "max_relative_gradient_difference": grad_error, "lr_after_20_steps_equal": lr_match,
                "max_abs_weight_difference_after_20_adam_steps": weight_error,
                "identical_greedy_rows_after_20_steps": f"{same_rows}/{len(tiny_rows)}"}
-    common.write_results("twin", machine, {"config": config, "batch_shape": list(batch.source.shape)}, figures)
+    common.write_results("twin", machine, {"config": config.to_dict(), "batch_shape": list(batch.source.shape)}, figures)
     print("\nPyTorch twin vs tinyattn, same initial weights and batches (reference config)")
     common.table(["check", "value"], [
         ["max |logits difference|", f"{logit_error:.2e}"],

@@ -19,10 +19,10 @@ import time
 
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # train.py and models/ live one folder up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's models/ and tinyattn/
 
-import train  # noqa: E402
-from models import build_model  # noqa: E402
+from models import Config, build_model  # noqa: E402
+from models.training import Run  # noqa: E402
 from tinyattn.allocator import tune_allocator  # noqa: E402
 from tinyattn.tasks import SequenceTask  # noqa: E402
 from tinyattn.viz import line_chart_svg  # noqa: E402
@@ -33,7 +33,7 @@ QUICK = dict(steps=40, max_len=6, eval_size=64, bucket=2, width_search=range(8, 
 
 
 def base_config(settings, task, seed):
-    config = dict(train.DEFAULTS, task=task, max_len=settings["max_len"], steps=settings["steps"], seed=seed,
+    config = Config(task=task, max_len=settings["max_len"], steps=settings["steps"], seed=seed,
                   warmup=min(100, settings["steps"] // 4), d_model=settings["transformer_width"],
                   d_ff=4 * settings["transformer_width"], eval_size=settings["eval_size"])
     return config
@@ -43,26 +43,25 @@ def matched_configs(settings, task, seed):
     """One config per model; the RNNs' hidden sizes chosen so their parameter counts come
     closest to the transformer's."""
     vocab_size = SequenceTask(task, max_len=settings["max_len"]).vocab_size
-    transformer = dict(base_config(settings, task, seed), model="transformer")
+    transformer = base_config(settings, task, seed).replace(model="transformer")
     target = build_model(transformer, vocab_size).num_parameters()
     configs = {}
     for name in ("rnn", "rnn-attention"):
-        candidates = [dict(transformer, model=name, d_model=width) for width in settings["width_search"]]
+        candidates = [transformer.replace(model=name, d_model=width) for width in settings["width_search"]]
         configs[name] = min(candidates, key=lambda c: abs(build_model(c, vocab_size).num_parameters() - target))
     configs["transformer"] = transformer
     return configs
 
 
 def train_and_evaluate(config, label):
-    run = train.Run(config)
+    run = Run(config)
     start = time.perf_counter()
-    for _ in tqdm(range(config["steps"]), desc=label, unit="step", leave=False):
+    for _ in tqdm(range(config.steps), desc=label, unit="step", leave=False):
         loss, *_ = run.train_step()
     train_seconds = time.perf_counter() - start
-    held_out = run.task.eval_set(config["eval_size"], config["seed"], batch_size=512)
-    result = train.evaluate(run.model, run.task, held_out)
-    return {"model": config["model"], "task": config["task"], "parameters": run.model.num_parameters(),
-            "hidden_or_d_model": config["d_model"], "steps": run.step, "final_loss": loss,
+    result = run.evaluate(run.eval_set())
+    return {"model": config.model, "task": config.task, "parameters": run.model.num_parameters(),
+            "hidden_or_d_model": config.d_model, "steps": run.step, "final_loss": loss,
             "train_seconds": round(train_seconds, 1), "exact_match": result["exact_match"],
             "token_accuracy": result["token_accuracy"], "by_length": result["by_length"]}
 

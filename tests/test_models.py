@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import tinyattn as ta
-from models import build_model
+from models import Config, build_model
 from models.gpt import language_model_batch
 from tinyattn.tasks import BOS, EOS, PAD, SEP, SequenceTask
 
@@ -13,7 +13,7 @@ CONFIG = dict(d_model=16, heads=2, d_ff=32, dropout=0.0, seed=3, layers=2, max_l
 
 @pytest.fixture(params=["transformer", "gpt"])
 def model(request):
-    return build_model({**CONFIG, "model": request.param}, TASK.vocab_size)
+    return build_model(Config(**CONFIG, model=request.param), TASK.vocab_size)
 
 
 def test_language_model_batch_puts_labels_on_target_and_eos_only():
@@ -42,7 +42,7 @@ def test_cached_and_uncached_greedy_decoding_agree(model):
 
 
 def test_greedy_decoding_stops_each_row_at_its_eos():
-    model = build_model({**CONFIG, "model": "transformer"}, TASK.vocab_size)
+    model = build_model(Config(**CONFIG, model="transformer"), TASK.vocab_size)
     # Make EOS the argmax everywhere except for the first step of row 0, via the output bias.
     model.head.bias.data[...] = 0.0
     model.head.bias.data[EOS] = 100.0
@@ -57,11 +57,11 @@ def test_decoding_past_the_positions_is_a_clear_error(model):
 
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model 'lstm'"):
-        build_model({**CONFIG, "model": "lstm"}, TASK.vocab_size)
+        build_model(Config(**CONFIG, model="lstm"), TASK.vocab_size)
 
 
 def test_transformer_exposes_cross_attention_weights():
-    model = build_model({**CONFIG, "model": "transformer"}, TASK.vocab_size)
+    model = build_model(Config(**CONFIG, model="transformer"), TASK.vocab_size)
     batch = TASK.make_batch([[4, 5, 6], [7, 8]])
     _, weights = model(batch.source, batch.decoder_input, need_weights=True)
     cross = weights["decoder"][0]["cross"].numpy()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tinyattn as ta
-from models import build_model
+from models import Config, build_model
 from tinyattn import backend, nn, profiler
 from tinyattn.functional import cross_entropy
 from tinyattn.parallel import ShardedBackward, default_shards
@@ -149,8 +149,7 @@ def test_default_is_one_shard_off_the_cpu():
 @pytest.mark.parametrize("kind", ["transformer", "gpt", "rnn-attention"])
 def test_models_sharded_loss_and_gradients_match_the_whole_batch(kind):
     task, batch = batch_of(12, seed=3)
-    config = dict(model=kind, d_model=16, heads=2, layers=1, d_ff=32, dropout=0.0, max_len=task.max_len,
-                  positional="learned", activation="relu", seed=0)
+    config = Config(model=kind, d_model=16, heads=2, layers=1, d_ff=32, dropout=0.0, max_len=task.max_len, seed=0)
     model = build_model(config, task.vocab_size)
     logits, labels = model.forward_batch(batch)
     loss = cross_entropy(logits, labels, ignore_index=PAD)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import tinyattn as ta
-from models import build_model
+from models import Config, build_model
 from tinyattn import nn
 from tinyattn.tasks import SequenceTask
 
@@ -107,7 +107,7 @@ TASK = SequenceTask("reverse", vocab=5, min_len=1, max_len=5)
 
 @pytest.mark.parametrize("name", ["rnn", "rnn-attention"])
 def test_rnn_models_train_shapes_and_decode(name):
-    model = build_model(dict(model=name, d_model=12, heads=4, layers=1, d_ff=8, dropout=0.0, seed=0, max_len=5),
+    model = build_model(Config(model=name, d_model=12, heads=4, layers=1, d_ff=8, dropout=0.0, seed=0, max_len=5),
                         TASK.vocab_size)
     batch = next(TASK.batches(6, seed=0))
     logits, labels = model.forward_batch(batch)
@@ -123,7 +123,7 @@ def test_rnn_models_train_shapes_and_decode(name):
 
 
 def test_rnn_attention_gradcheck_of_a_whole_tiny_model():
-    model = build_model(dict(model="rnn-attention", d_model=4, heads=1, layers=1, d_ff=4, dropout=0.0, seed=1, max_len=3),
+    model = build_model(Config(model="rnn-attention", d_model=4, heads=1, layers=1, d_ff=4, dropout=0.0, seed=1, max_len=3),
                         TASK.vocab_size)
     for p in model.parameters():
         p.data = p.data.astype(np.float64)

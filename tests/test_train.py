@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 
 import train
+from models import Config, training
+from models.evaluation import SAMPLES_SHOWN
+from models.training import CHECKPOINT_NAME, Run, ShardedBackward, forward_backward, shards_for, token_accuracy
 from tinyattn import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +69,7 @@ def trained(tmp_path_factory):
     code, stdout, stderr = run_main([*TINY, "--lr", "1e-2", "--steps", "800", "--eval-every", "50",
                                      "--target-accuracy", "1.0", "--out", out, "--log", log])
     assert code == 0, stderr
-    path = out / train.CHECKPOINT_NAME
+    path = out / CHECKPOINT_NAME
     return {"path": path, "out": out, "log": log, "stdout": stdout, "stderr": stderr, "bytes": path.read_bytes()}
 
 
@@ -86,7 +89,7 @@ def test_learns_copy_to_full_held_out_exact_match(trained):
     assert summary.group(3) == str(trained["path"])
     assert trained["path"].is_file()
     samples = stdout.split("samples (input -> output):\n", 1)[1].splitlines()
-    assert len(samples) == train.SAMPLES_SHOWN
+    assert len(samples) == SAMPLES_SHOWN
     for line in samples:
         match = re.fullmatch(r"  ([0-3](?: [0-3])*) -> ([0-3](?: [0-3])*)  ✓", line)
         assert match, line
@@ -108,14 +111,14 @@ def test_evaluate_reports_what_training_ended_with(trained):
     assert (exact, sequences) == (trained_exact, trained_sequences) == ("100.0", "64")
     step = checkpoint.load(trained["path"])["step"]
     assert f"(step {step})" in stdout
-    assert stdout.count("✓") == train.SAMPLES_SHOWN
+    assert stdout.count("✓") == SAMPLES_SHOWN
     assert trained["path"].read_bytes() == trained["bytes"]  # inspecting never writes
 
 
 def test_saved_checkpoint_holds_the_whole_training_state(trained):
     state = checkpoint.load(trained["path"])
     assert state["config"]["d_model"] == 32 and state["config"]["task"] == "copy"
-    run = train.Run(dict(state["config"], device=None))
+    run = Run(Config.from_dict(dict(state["config"], device=None)))
     assert set(state["model"]) == set(run.model.state_dict())
     for name, value in run.model.state_dict().items():
         assert state["model"][name].shape == tuple(value.shape)
@@ -160,8 +163,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
     code, stdout, stderr = run_main([*flags, "--stop-at", "20", "--out", tmp_path / "b", "--log", tmp_path / "b.jsonl"])
     assert code == 0, stderr
     assert "stopped at step 20" in stdout and "--resume" in stdout
-    assert checkpoint.load(tmp_path / "b" / train.CHECKPOINT_NAME)["step"] == 20
-    code, stdout, stderr = run_main(["--resume", tmp_path / "b" / train.CHECKPOINT_NAME, "--log", tmp_path / "b.jsonl"])
+    assert checkpoint.load(tmp_path / "b" / CHECKPOINT_NAME)["step"] == 20
+    code, stdout, stderr = run_main(["--resume", tmp_path / "b" / CHECKPOINT_NAME, "--log", tmp_path / "b.jsonl"])
     assert code == 0, stderr
     assert "steps 40," in stdout
     b_log = log_without_elapsed(tmp_path / "b.jsonl")
@@ -169,8 +172,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
     assert b_log == a_log  # every logged number, steps 30 and 40 included, bit for bit
     assert {key for key in read_log(tmp_path / "b.jsonl")[-1]} == LOG_KEYS
 
-    final_a = checkpoint.load(tmp_path / "a" / train.CHECKPOINT_NAME)
-    final_b = checkpoint.load(tmp_path / "b" / train.CHECKPOINT_NAME)
+    final_a = checkpoint.load(tmp_path / "a" / CHECKPOINT_NAME)
+    final_b = checkpoint.load(tmp_path / "b" / CHECKPOINT_NAME)
     assert final_a["step"] == 40
     assert_same_state(final_a, final_b)
     assert final_a["config"] == dict(final_b["config"], out=final_a["config"]["out"], log=final_a["config"]["log"])
@@ -192,21 +195,21 @@ def test_two_threads_train_as_one_does_up_to_rounding(tmp_path):
     ({}, 2), ({"batch_size": 32}, 1), ({"model": "gpt"}, 2), ({"model": "rnn-attention"}, 1),
     ({"model": "rnn", "batch_size": 256}, 2), ({"dropout": 0.1}, 1), ({"threads": 1}, 1), ({"threads": 3, "batch_size": 16}, 3)])
 def test_default_threads_go_where_they_pay(monkeypatch, settings, threads):
-    monkeypatch.setattr(train, "default_shards", lambda device: 2)  # a 2-core CPU whose BLAS threads can be set
-    assert train.shards_for(dict(train.DEFAULTS, **settings)) == threads
+    monkeypatch.setattr(training, "default_shards", lambda device: 2)  # a 2-core CPU whose BLAS threads can be set
+    assert shards_for(Config(**settings)) == threads
 
 
 def test_forward_backward_on_two_shards_gives_the_whole_batch_loss_and_gradients():
-    config = dict(train.DEFAULTS, task="copy", vocab=4, max_len=4, d_model=32, heads=2, layers=1, d_ff=64, batch_size=32)
-    runs = [train.Run(config) for _ in range(2)]
+    config = Config(task="copy", vocab=4, max_len=4, d_model=32, heads=2, layers=1, d_ff=64, batch_size=32)
+    runs = [Run(config) for _ in range(2)]
     batch = next(runs[0].stream)
     results = []
     for run, shards in zip(runs, (1, 2)):
-        results.append(train.forward_backward(run.model, run.params, batch, train.ShardedBackward(shards)))
+        results.append(forward_backward(run.model, run.params, batch, ShardedBackward(shards)))
     (loss_one, predictions_one), (loss_two, predictions_two) = results
     assert loss_two == pytest.approx(loss_one, rel=1e-6)
     assert len(predictions_one) == 1 and len(predictions_two) == 2
-    assert train.token_accuracy(predictions_two) == train.token_accuracy(predictions_one)
+    assert token_accuracy(predictions_two) == token_accuracy(predictions_one)
     for p1, p2 in zip(runs[0].model.parameters(), runs[1].model.parameters()):
         np.testing.assert_allclose(p2.grad.data, p1.grad.data, rtol=1e-4, atol=1e-6)
 
@@ -217,8 +220,8 @@ def test_dropout_changes_training_so_the_resume_test_covers_its_generator(tmp_pa
     for name, extra in (("plain", []), ("dropout", ["--dropout", "0.1"])):
         assert run_main([*flags, *extra, "--out", tmp_path / name, "--log", tmp_path / f"{name}.jsonl"])[0] == 0
     assert log_without_elapsed(tmp_path / "plain.jsonl") != log_without_elapsed(tmp_path / "dropout.jsonl")
-    state = checkpoint.load(tmp_path / "dropout" / train.CHECKPOINT_NAME)
-    fresh = train.Run(dict(state["config"], device=None))
+    state = checkpoint.load(tmp_path / "dropout" / CHECKPOINT_NAME)
+    fresh = Run(Config.from_dict(dict(state["config"], device=None)))
     assert state["dropout_generator"] != fresh.model.generator.bit_generator.state  # the generator advanced and was saved
 
 
@@ -339,11 +342,24 @@ def fault_files(trained, folder):
     state["optimizer"]["state"]["0"][slot] = np.zeros((7, 7), np.float32)
     checkpoint.save(folder / "bad-optimizer.npz", state)
     files["optimizer-shape"] = (folder / "bad-optimizer.npz", "does not fit")
+    state = real_state(trained)
+    state["config"] = dict(state["config"], lr=-1.0)
+    checkpoint.save(folder / "bad-lr.npz", state)
+    files["config-bad-value"] = (folder / "bad-lr.npz", "config that cannot run: 'lr' must be a positive number, got -1.0")
+    state = real_state(trained)
+    state["config"] = dict(state["config"], learning_rate=0.1)
+    checkpoint.save(folder / "unknown-setting.npz", state)
+    files["config-unknown-setting"] = (folder / "unknown-setting.npz", "unknown setting 'learning_rate'")
+    state = real_state(trained)
+    state["config"] = dict(state["config"], steps="many")
+    checkpoint.save(folder / "steps-text.npz", state)
+    files["config-wrong-type"] = (folder / "steps-text.npz", "'steps' must be int, got 'many'")
     return files
 
 
 FAULTS = ["missing", "truncated", "text", "foreign-npz", "pickled-npz", "pickle", "empty", "directory",
-          "config-does-not-fit", "wrong-array-shape", "missing-part", "optimizer-shape"]
+          "config-does-not-fit", "wrong-array-shape", "missing-part", "optimizer-shape", "config-bad-value",
+          "config-unknown-setting", "config-wrong-type"]
 
 
 @pytest.fixture
@@ -357,7 +373,7 @@ def test_checkpoint_faults_exit_1_and_overwrite_nothing(trained, faults, tmp_pat
     path, problem = faults[fault]
     out = tmp_path / "out"
     out.mkdir()
-    (out / train.CHECKPOINT_NAME).write_bytes(trained["bytes"])  # an earlier run's checkpoint, which must survive
+    (out / CHECKPOINT_NAME).write_bytes(trained["bytes"])  # an earlier run's checkpoint, which must survive
     bad_folder_before = snapshot(tmp_path / "bad")
     log = tmp_path / "log.jsonl"
     svg = tmp_path / "attention.svg"
@@ -373,7 +389,7 @@ def test_checkpoint_faults_exit_1_and_overwrite_nothing(trained, faults, tmp_pat
     assert line.startswith("train.py: error: ")
     assert str(path) in line
     assert problem in line.lower()
-    assert snapshot(out) == {train.CHECKPOINT_NAME: trained["bytes"]}
+    assert snapshot(out) == {CHECKPOINT_NAME: trained["bytes"]}
     assert snapshot(tmp_path / "bad") == bad_folder_before  # the bad file itself is left as it was
     assert not log.exists() and not svg.exists()
     assert trained["path"].read_bytes() == trained["bytes"]
@@ -382,8 +398,9 @@ def test_checkpoint_faults_exit_1_and_overwrite_nothing(trained, faults, tmp_pat
 def test_checkpoint_errors_start_with_the_path(faults):
     for fault in FAULTS:
         path, problem = faults[fault]
-        if fault in ("config-does-not-fit", "wrong-array-shape", "missing-part", "optimizer-shape", "directory"):
-            continue  # these load fine (or are not files); train.py finds the problem when restoring
+        if fault in ("config-does-not-fit", "wrong-array-shape", "missing-part", "optimizer-shape", "directory",
+                     "config-bad-value", "config-unknown-setting", "config-wrong-type"):
+            continue  # these load fine (or are not files); train.py finds the problem in the config or when restoring
         with pytest.raises(checkpoint.CheckpointError) as caught:
             checkpoint.load(path)
         assert str(caught.value).startswith(f"checkpoint {path}: "), fault
@@ -411,7 +428,7 @@ def test_resume_may_change_run_settings(trained, tmp_path):
                                      "--out", out, "--log", tmp_path / "log.jsonl", "--target-accuracy", "1.0"])
     assert code == 0, stderr
     assert [entry["step"] for entry in read_log(tmp_path / "log.jsonl")] == [step + 5]  # stopped: already at target
-    assert checkpoint.load(out / train.CHECKPOINT_NAME)["step"] == step + 5
+    assert checkpoint.load(out / CHECKPOINT_NAME)["step"] == step + 5
     assert trained["path"].read_bytes() == trained["bytes"]  # the resumed run wrote to --out, not over its source
 
 
@@ -435,10 +452,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
                       r"\(step (\d+)\)\)", stderr)
     assert match, stderr
     bad_step, kept_step = int(match.group(2)), int(match.group(4))
-    assert match.group(3) == str(out / train.CHECKPOINT_NAME)
+    assert match.group(3) == str(out / CHECKPOINT_NAME)
     assert kept_step == bad_step - 1 and [step for step, _ in saved] == list(range(1, bad_step))
-    assert (out / train.CHECKPOINT_NAME).read_bytes() == saved[-1][1]  # the earlier eval's checkpoint, untouched
-    assert checkpoint.load(out / train.CHECKPOINT_NAME)["step"] == kept_step
+    assert (out / CHECKPOINT_NAME).read_bytes() == saved[-1][1]  # the earlier eval's checkpoint, untouched
+    assert checkpoint.load(out / CHECKPOINT_NAME)["step"] == kept_step
     assert [entry["step"] for entry in read_log(tmp_path / "log.jsonl")] == list(range(1, bad_step))
     assert "held-out (" not in stdout  # no final summary after a failure
 
@@ -449,7 +466,7 @@ def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
                                          "--out", tmp_path / "out"])
     assert code == 1
     assert re.search(r"the loss became (nan|inf|-inf) at step 2; stopping \(no checkpoint was saved\)", stderr), stderr
-    assert not (tmp_path / "out" / train.CHECKPOINT_NAME).exists()
+    assert not (tmp_path / "out" / CHECKPOINT_NAME).exists()
 
 
 def test_the_checkpoint_called_last_good_has_finite_weights(tmp_path):
@@ -461,7 +478,7 @@ def test_the_checkpoint_called_last_good_has_finite_weights(tmp_path):
                                     "--out", out])
     assert code == 1
     if "last good checkpoint" in stderr:
-        state = checkpoint.load(out / train.CHECKPOINT_NAME)
+        state = checkpoint.load(out / CHECKPOINT_NAME)
         bad = [name for name, value in state["model"].items() if not np.isfinite(value).all()]
         assert not bad, f"the 'last good' checkpoint (step {state['step']}) has non-finite weights in {len(bad)} arrays"
 
@@ -491,8 +508,8 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == train.INTERRUPTED_EXIT, stderr
-    path = out / train.CHECKPOINT_NAME
+    assert process.returncode == training.INTERRUPTED_EXIT, stderr
+    path = out / CHECKPOINT_NAME
     assert path.is_file()
     assert "--resume" in stderr and str(path) in stderr
     assert "Traceback" not in stderr
@@ -533,7 +550,7 @@ def test_decode_marks_a_wrong_answer_with_the_expected_one(trained, tmp_path):
     """An untrained model's decode is wrong; the line shows ✗ and what was expected."""
     out = tmp_path / "untrained"
     assert run_main([*TINY, "--steps", "2", "--warmup", "0", "--eval-every", "1", "--stop-at", "1", "--out", out])[0] == 0
-    code, stdout, stderr = run_main(["--checkpoint", out / train.CHECKPOINT_NAME, "--decode", "3 1 0 2",
+    code, stdout, stderr = run_main(["--checkpoint", out / CHECKPOINT_NAME, "--decode", "3 1 0 2",
                                      "--svg", tmp_path / "a.svg"])
     assert code == 0, stderr
     first = stdout.splitlines()[0]
@@ -546,7 +563,7 @@ def test_decode_with_the_gpt_model(tmp_path):
     assert run_main([*TINY, "--model", "gpt", "--steps", "2", "--warmup", "0", "--eval-every", "1", "--stop-at", "1",
                      "--out", out])[0] == 0
     svg = tmp_path / "gpt.svg"
-    code, stdout, stderr = run_main(["--checkpoint", out / train.CHECKPOINT_NAME, "--decode", "0 1 2", "--svg", svg])
+    code, stdout, stderr = run_main(["--checkpoint", out / CHECKPOINT_NAME, "--decode", "0 1 2", "--svg", svg])
     assert code == 0, stderr
     assert re.match(r"0 1 2 -> .*[✓✗]", stdout.splitlines()[0])
     assert "attention on the source, layer 1, head 2" in stdout
@@ -574,7 +591,7 @@ def test_a_fresh_run_overwrites_its_log_and_a_resumed_one_appends(tmp_path):
     flags = [*TINY, "--steps", "20", "--eval-every", "10", "--warmup", "5", "--out", tmp_path / "out", "--log", log]
     assert run_main([*flags, "--stop-at", "10"])[0] == 0
     assert [entry["step"] for entry in read_log(log)] == [10]
-    assert run_main(["--resume", tmp_path / "out" / train.CHECKPOINT_NAME, "--log", log])[0] == 0
+    assert run_main(["--resume", tmp_path / "out" / CHECKPOINT_NAME, "--log", log])[0] == 0
     assert [entry["step"] for entry in read_log(log)] == [10, 20]
 
 

@@ -1,0 +1,216 @@
+"""A training run on a toy task: the model, Adam, the schedule, the data, one step, the loop.
+
+`Run(config)` builds everything a run holds and knows what goes into its checkpoint;
+`train(config)` is the loop `python train.py` runs: steps with a progress bar,
+evaluation and a checkpoint every --eval-every steps, an early stop at the target
+accuracy, Ctrl-C saved and resumable, a diverged model never saved over a good one.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+from tqdm import tqdm
+
+import tinyattn as ta
+from tinyattn import checkpoint, optim
+from tinyattn.functional import cross_entropy
+from tinyattn.parallel import ShardedBackward, default_shards
+from tinyattn.tasks import PAD, SequenceTask
+
+from . import build_model
+from .evaluation import evaluate, show_by_length, show_samples
+
+CHECKPOINT_NAME = "checkpoint.npz"
+INTERRUPTED_EXIT = 130
+
+# Fewer rows than this per thread, and a part's fixed cost per step (Python building and
+# walking the graph, dispatching each op), which threads take turns at, outweighs what the
+# second core saves. `python benchmarks/threads.py` on the 2-core machine, 2 threads' step
+# time over 1 thread's: transformer 0.91 at batch 64, 0.98 at 48, 1.07 at 32; gpt 0.76 at
+# 64, 1.04 at 32; the GRU models, a long chain of small per-token ops, 1.74 at 64, 0.93 at 256.
+MIN_ROWS_PER_THREAD = {"transformer": 32, "gpt": 32, "rnn": 128, "rnn-attention": 128}
+
+
+def shards_for(config):
+    """The --threads setting, or its default: as many threads as the device allows
+    (tinyattn.parallel.default_shards) while each gets enough rows, 1 with dropout."""
+    if config.threads is not None:
+        return config.threads
+    if config.dropout:
+        return 1
+    most = default_shards(config.device or ta.get_default_device())
+    return most if config.batch_size >= most * MIN_ROWS_PER_THREAD[config.model] else 1
+
+
+def forward_backward(model, params, batch, sharded):
+    """The batch's mean token loss, with its gradients added to the .grad of `params` (the
+    model's parameters, listed once by the caller: walking the modules costs about half a
+    millisecond), the batch's shards running side by side (tinyattn.parallel). Returns the
+    loss value and each shard's (logits, labels)."""
+    scale = 1.0 / batch.num_tokens  # each shard's summed loss over the whole batch's count: the shards add up to the mean
+
+    def loss_of(shard):
+        logits, labels = model.forward_batch(shard)
+        return cross_entropy(logits, labels, ignore_index=PAD, reduction="sum") * scale, logits, labels
+
+    outputs = sharded(loss_of, batch.split(sharded.shards), params)
+    return sum(loss.item() for loss, _, _ in outputs), [(logits, labels) for _, logits, labels in outputs]
+
+
+def token_accuracy(predictions):
+    """The share of real (non-PAD) label tokens that the logits' argmax gets right."""
+    right = total = 0
+    for logits, labels in predictions:
+        real = labels.data != PAD
+        right += int(((logits.data.argmax(axis=-1) == labels.data) & real).sum())
+        total += int(real.sum())
+    return right / max(total, 1)
+
+
+class Run:
+    """Everything a training run holds, built from a Config, and what goes into its checkpoint."""
+
+    def __init__(self, config):
+        self.config = config
+        self.task = SequenceTask(config.task, config.vocab, config.min_len, config.max_len)
+        self.model = build_model(config, self.task.vocab_size, device=config.device)
+        self.params = self.model.parameters()
+        self.optimizer = optim.Adam(self.params, lr=config.lr)
+        self.schedule = optim.WarmupCosine(self.optimizer, config.warmup, config.steps)
+        self.stream = self.task.batches(config.batch_size, config.seed, device=config.device)
+        self.sharded = ShardedBackward(shards_for(config))
+        self.step, self.elapsed_before = 0, 0.0
+
+    def train_step(self):
+        """One optimizer step on the next batch: (loss, batch, each shard's (logits, labels)).
+        A non-finite loss is returned without an update, so the caller can stop with the model intact."""
+        batch = next(self.stream)
+        self.optimizer.zero_grad()
+        loss_value, predictions = forward_backward(self.model, self.params, batch, self.sharded)
+        if math.isfinite(loss_value):
+            if self.config.grad_clip:
+                optim.clip_grad_norm_(self.params, self.config.grad_clip)
+            self.optimizer.step()
+            self.schedule.step()
+            self.step += 1
+        return loss_value, batch, predictions
+
+    def evaluate(self, batches):
+        return evaluate(self.model, self.task, batches)
+
+    def greedy_decode(self, source, max_new_tokens, need_weights=False):
+        return self.model.greedy_decode(source, max_new_tokens, need_weights=need_weights)
+
+    def eval_set(self):
+        return self.task.eval_set(self.config.eval_size, self.config.seed, batch_size=512, device=self.config.device)
+
+    def state(self, elapsed):
+        return {"config": self.config.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "step": self.step, "data": self.stream.state(),
+                "dropout_generator": self.model.generator.bit_generator.state, "elapsed": elapsed}
+
+    def restore(self, state, path):
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            self.stream.set_state(state["data"])
+            self.model.generator.bit_generator.state = state["dropout_generator"]
+            self.step, self.elapsed_before = int(state["step"]), float(state["elapsed"])
+        except (KeyError, ValueError, TypeError) as error:
+            raise checkpoint.CheckpointError(path, f"does not fit the model and optimizer: {error}") from None
+
+
+def parameters_finite(model):
+    return all(bool(p.xp.isfinite(p.data).all()) for p in model.parameters())
+
+
+def stop_on_divergence(progress, what, path, saved_step):
+    progress.close()
+    last = f"the last good checkpoint is {path} (step {saved_step})" if saved_step else "no checkpoint was saved"
+    print(f"error: {what}; stopping ({last})", file=sys.stderr)
+    return 1
+
+
+def open_log(path, append):
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    return open(path, "a" if append else "w")
+
+
+def train(config, resume=None, resume_path=None):
+    """Train until config.steps, the target accuracy or an interruption; returns the exit code."""
+    run = Run(config)
+    if resume is not None:
+        run.restore(resume, resume_path)
+    eval_batches = run.eval_set()
+    path = os.path.join(config.out, CHECKPOINT_NAME)
+    print("config: " + json.dumps(config.to_dict()), flush=True)
+    print(f"model: {config.model}, {run.model.num_parameters():,} parameters; device {ta.get_default_device()}; "
+          f"{run.sharded.shards} thread{'s' if run.sharded.shards > 1 else ''} per step", flush=True)
+    log = open_log(config.log, append=resume is not None) if config.log else None
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    start = time.perf_counter()
+    saved_step, result = None, None
+    progress = tqdm(total=config.steps, initial=run.step, unit="step", dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0
+    try:
+        while run.step < config.steps:
+            loss_value, batch, predictions = run.train_step()
+            if not math.isfinite(loss_value):
+                return stop_on_divergence(progress, f"the loss became {loss_value} at step {run.step + 1}", path, saved_step)
+            window_tokens += batch.num_tokens
+            progress.update(1)
+            if run.step % 10 == 0 or run.step == config.steps:
+                now = time.perf_counter()
+                progress.set_postfix(loss=f"{loss_value:.4f}", acc=f"{token_accuracy(predictions):.3f}", lr=f"{run.optimizer.lr:.2e}",
+                                     tok_s=f"{window_tokens / (now - window_start):,.0f}")
+                window_start, window_tokens = now, 0
+            elapsed = run.elapsed_before + time.perf_counter() - start
+            due = run.step % config.eval_every == 0 or run.step == config.steps
+            if due:
+                result = run.evaluate(eval_batches)
+                line = {"step": run.step, "loss": loss_value, "exact_match": result["exact_match"],
+                        "token_accuracy": result["token_accuracy"], "lr": run.optimizer.lr, "elapsed": round(elapsed, 3)}
+                progress.write(f"step {run.step:5d}  loss {loss_value:.4f}  held-out exact-match {result['exact_match']:.3f}  "
+                               f"token accuracy {result['token_accuracy']:.3f}  {elapsed:.1f}s")
+                if log:
+                    log.write(json.dumps(line) + "\n")
+                    log.flush()
+            stop = interrupted or run.step == config.stop_at or (due and result["exact_match"] >= config.target_accuracy)
+            if due or stop:
+                if not parameters_finite(run.model):  # never save a diverged model over the last good one
+                    return stop_on_divergence(progress, f"the weights became non-finite at step {run.step}", path, saved_step)
+                checkpoint.save(path, run.state(elapsed))
+                saved_step = run.step
+            if interrupted:
+                progress.close()
+                print(f"interrupted at step {run.step}; saved {path}. Resume with: python train.py --resume {path}", file=sys.stderr)
+                return INTERRUPTED_EXIT
+            if stop:
+                break
+    finally:
+        progress.close()
+        signal.signal(signal.SIGINT, previous_handler)
+        if log:
+            log.close()
+    elapsed = run.elapsed_before + time.perf_counter() - start
+    if run.step == config.stop_at and run.step < config.steps:
+        print(f"stopped at step {run.step} as asked; resume with: python train.py --resume {path}")
+        return 0
+    if result is None or saved_step != run.step:
+        result = run.evaluate(eval_batches)
+    reached = "reached" if result["exact_match"] >= config.target_accuracy else "did not reach"
+    print(f"held-out ({result['sequences']} sequences): exact-match {result['exact_match']:.1%}, "
+          f"token accuracy {result['token_accuracy']:.1%} ({reached} the target {config.target_accuracy:.0%})")
+    print(f"steps {run.step}, wall time {elapsed:.1f} s, checkpoint {path}")
+    print("samples (input -> output):")
+    show_samples(result["samples"])
+    if config.by_length:
+        show_by_length(result)
+    return 0
