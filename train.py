@@ -15,7 +15,7 @@ from models.config import RUN_SETTINGS, flag_name, setting_name
 from models.evaluation import show_decode, show_evaluation
 from models.training import CHECKPOINT_NAME, Run, train
 from tinyattn import checkpoint
-from tinyattn.allocator import tune_allocator
+from tinyattn.cpu import tune_allocator
 from tinyattn.tasks import FIRST_SYMBOL, TASKS
 
 DEFAULTS = Config()

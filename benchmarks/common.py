@@ -20,7 +20,7 @@ if ROOT not in sys.path:
 import numpy  # noqa: E402  (host-side GEMM reference and version only; tensors go through tinyattn)
 
 import tinyattn as ta  # noqa: E402
-from tinyattn.allocator import tune_allocator  # noqa: E402
+from tinyattn.cpu import tune_allocator  # noqa: E402
 from models import Config  # noqa: E402
 from models.training import Run, forward_backward  # noqa: E402
 from tinyattn.tasks import SequenceTask  # noqa: E402
@@ -123,7 +123,7 @@ def print_machine(info):
     env = ", ".join(f"{name}={value if value is not None else '(unset)'}" for name, value in info["openblas_env"].items())
     print(f"machine: {info['processor']}, {info['cpu_count']} CPUs; numpy {info['numpy']}, "
           f"torch {info['torch'] or '(not used)'}; {env}")
-    print(f"glibc allocator tuned (tinyattn.allocator.tune_allocator, as train.py does): {info['allocator_tuned']}")
+    print(f"glibc allocator tuned (tinyattn.cpu.tune_allocator, as train.py does): {info['allocator_tuned']}")
 
 
 def add_out_argument(parser, name):

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from models import Config, build_model  # noqa: E402
 from models.training import Run  # noqa: E402
-from tinyattn.allocator import tune_allocator  # noqa: E402
+from tinyattn.cpu import tune_allocator  # noqa: E402
 from tinyattn.tasks import SequenceTask  # noqa: E402
 from tinyattn.viz import line_chart_svg  # noqa: E402
 

@@ -250,3 +250,76 @@ def test_leaf_gradients_are_separate_writable_arrays():
     (y + 0.0).backward(upstream)
     upstream.data[...] = 5.0
     np.testing.assert_array_equal(y.grad.numpy(), [1.0, 1.0])
+
+
+# --- Functions with several outputs, optional inputs, and op hooks ---------------------------------
+
+class _SumAndProduct(ta.Function):
+    """Two outputs from one Function: (a + b, a * b), with an optional bias added to the sum."""
+
+    def forward(self, a, b, bias):
+        self.a, self.b = a, b
+        total = a + b if bias is None else a + b + bias
+        return total, a * b
+
+    def backward(self, grad_total, grad_product):
+        a, b = ta.Tensor(self.a), ta.Tensor(self.b)
+        grad_a = grad_b = None
+        if grad_total is not None:
+            grad_a, grad_b = grad_total, grad_total
+        if grad_product is not None:
+            grad_a = grad_product * b if grad_a is None else grad_a + grad_product * b
+            grad_b = grad_product * a if grad_b is None else grad_b + grad_product * a
+        return grad_a, grad_b, grad_total
+
+
+def test_a_function_with_two_outputs_gets_a_gradient_for_each():
+    a = ta.tensor([1.0, 2.0], dtype=ta.float64, requires_grad=True)
+    b = ta.tensor([3.0, 5.0], dtype=ta.float64, requires_grad=True)
+    total, product = _SumAndProduct.apply(a, b, None)
+    assert total.grad_fn is product.grad_fn
+    (total.sum() * 2 + product.sum()).backward()
+    np.testing.assert_allclose(a.grad.numpy(), 2 + b.numpy())
+    np.testing.assert_allclose(b.grad.numpy(), 2 + a.numpy())
+
+
+def test_an_output_no_gradient_reaches_is_handed_to_backward_as_none():
+    a = ta.tensor([1.0, 2.0], dtype=ta.float64, requires_grad=True)
+    b = ta.tensor([3.0, 5.0], dtype=ta.float64, requires_grad=True)
+    _, product = _SumAndProduct.apply(a, b, None)
+    product.sum().backward()
+    np.testing.assert_allclose(a.grad.numpy(), b.numpy())
+
+
+def test_an_optional_input_may_be_none_or_a_tensor():
+    a = ta.tensor([1.0, 2.0], dtype=ta.float64, requires_grad=True)
+    b = ta.tensor([3.0, 5.0], dtype=ta.float64)
+    bias = ta.tensor([0.5, 0.5], dtype=ta.float64, requires_grad=True)
+    total, _ = _SumAndProduct.apply(a, b, bias)
+    np.testing.assert_allclose(total.numpy(), [4.5, 7.5])
+    total.sum().backward()
+    np.testing.assert_allclose(bias.grad.numpy(), [1.0, 1.0])
+    assert ta.gradcheck(lambda a, bias: _SumAndProduct.apply(a, b, bias)[1] + _SumAndProduct.apply(a, b, bias)[0],
+                        [a.detach().requires_grad_(), bias.detach().requires_grad_()])
+
+
+def test_op_hooks_see_every_forward_and_backward_until_removed():
+    from tinyattn import engine
+    seen = []
+
+    def hook(phase, name, run):
+        seen.append((phase, name))
+        return run()
+
+    x = ta.tensor([1.0, 2.0], requires_grad=True)
+    handle = engine.add_op_hook(hook)
+    try:
+        (x * 3.0).sum().backward()
+    finally:
+        handle.remove()
+    assert seen[:2] == [("forward", "Mul"), ("forward", "Sum")]
+    # backward rules run ops of their own (Sum's broadcasts its gradient), which hooks see too
+    assert [entry for entry in seen if entry[0] == "backward"] == [("backward", "Sum"), ("backward", "Mul")]
+    count = len(seen)
+    (x * 3.0).sum()
+    assert len(seen) == count  # removed: nothing more recorded

@@ -122,7 +122,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
     path = tmp_path / "checkpoint.npz"
     checkpoint.save(path, {"step": 1, "w": np.ones(3)})
     before = path.read_bytes()
-    real_save_arrays = backend.save_arrays
+    real_save_arrays = checkpoint.save_arrays
 
     def half_write(file, arrays):
         real_save_arrays(file, arrays)  # a whole archive's bytes go out, then the write "fails" before the rename
@@ -130,7 +130,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
         file.write(b"PK\x03\x04 garbage")
         raise error
 
-    monkeypatch.setattr(backend, "save_arrays", half_write)
+    monkeypatch.setattr(checkpoint, "save_arrays", half_write)
     with pytest.raises(type(error)):
         checkpoint.save(path, {"step": 2, "w": np.zeros(3)})
     assert path.read_bytes() == before
@@ -143,7 +143,7 @@ def test_a_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
         file.write(b"PK\x03\x04partial")
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(backend, "save_arrays", fail)
+    monkeypatch.setattr(checkpoint, "save_arrays", fail)
     with pytest.raises(OSError):
         checkpoint.save(tmp_path / "checkpoint.npz", {"step": 1})
     assert os.listdir(tmp_path) == []

@@ -49,3 +49,44 @@ def test_an_install_carries_models_and_tinyattn(tmp_path):
     result = subprocess.run([sys.executable, "-c", "import models, models.training, tinyattn; print(models.__file__)"],
                             cwd=tmp_path, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _imports_of(path, package):
+    """The tinyattn modules one module imports at its top level (relative or absolute)."""
+    import ast
+    here = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = here.split(".")[:-node.level] if path.name != "__init__.py" else here.split(".")[:len(here.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            if base.startswith(package):
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith(package))
+    return found
+
+
+def test_tinyattns_modules_import_each_other_without_a_cycle():
+    modules = {".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+               for path in python_files("tinyattn")}
+    graph = {name: {m for m in _imports_of(path, "tinyattn") if m in modules and m != name} for name, path in modules.items()}
+    # A package's __init__ importing its own submodules is the package being assembled, not a cycle.
+    graph = {name: {m for m in targets if not m.startswith(name + ".")} for name, targets in graph.items()}
+    state = {}
+
+    def visit(name, trail):
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(trail + [name, target])}")
+            if target not in state:
+                visit(target, trail + [name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])

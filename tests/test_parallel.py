@@ -6,12 +6,12 @@ import pytest
 
 import tinyattn as ta
 from models import Config, build_model
-from tinyattn import backend, nn, profiler
+from tinyattn import backend, cpu, nn, profiler
 from tinyattn.functional import cross_entropy
 from tinyattn.parallel import ShardedBackward, default_shards
 from tinyattn.tasks import PAD, SequenceTask
 
-needs_blas_control = pytest.mark.skipif(not backend.can_limit_blas_threads(), reason="NumPy's BLAS thread count cannot be set here")
+needs_blas_control = pytest.mark.skipif(not cpu.can_limit_blas_threads(), reason="NumPy's BLAS thread count cannot be set here")
 
 
 def batch_of(rows, seed=0):
@@ -40,7 +40,7 @@ def test_split_into_more_parts_than_rows_gives_one_row_each_and_refuses_zero():
 def linear_loss(model, scale):
     def loss_of(shard):
         x, y = shard
-        return ((model(x) - y) ** 2).sum() * scale, threading.current_thread().name, backend.blas_thread_count()
+        return ((model(x) - y) ** 2).sum() * scale, threading.current_thread().name, cpu.blas_thread_count()
     return loss_of
 
 
@@ -71,7 +71,7 @@ def test_shards_run_on_worker_threads_with_blas_held_to_its_share():
     thread_names = [name for _, name, _ in outputs]
     assert thread_names[0] == threading.current_thread().name
     assert thread_names[1].startswith("tinyattn-shard")
-    if backend.can_limit_blas_threads():
+    if cpu.can_limit_blas_threads():
         import os
         share = max(1, (os.cpu_count() or 1) // 2)
         assert [count for _, _, count in outputs] == [share, share]
@@ -79,10 +79,10 @@ def test_shards_run_on_worker_threads_with_blas_held_to_its_share():
 
 @needs_blas_control
 def test_blas_threads_is_restored_after_the_block():
-    before = backend.blas_thread_count()
-    with backend.blas_threads(1):
-        assert backend.blas_thread_count() == 1
-    assert backend.blas_thread_count() == before
+    before = cpu.blas_thread_count()
+    with cpu.blas_threads(1):
+        assert cpu.blas_thread_count() == 1
+    assert cpu.blas_thread_count() == before
 
 
 def test_sharded_gradients_add_to_existing_grads_as_backward_does():

@@ -4,8 +4,6 @@ Everything else asks an array for its module (`array_module(array)`) and calls t
 so one code path serves both devices. CuPy is imported only when a CUDA tensor is
 first asked for, so `import tinyattn` never touches a GPU.
 """
-import contextlib
-import ctypes
 import os
 import time
 
@@ -26,6 +24,18 @@ _default_device = None
 
 class DeviceError(RuntimeError):
     """A device that cannot be used here, or tensors on different devices in one op."""
+
+
+class HookHandle:
+    """What the add_*_hook functions return: remove() detaches the hook, as with PyTorch's hook handles."""
+
+    def __init__(self, hooks, hook):
+        self.hooks, self.hook = hooks, hook
+        hooks.append(hook)
+
+    def remove(self):
+        if self.hook in self.hooks:
+            self.hooks.remove(self.hook)
 
 
 def _load_cupy():
@@ -96,12 +106,13 @@ def device_of(array):
     return "cpu" if isinstance(array, numpy.ndarray) else "cuda"
 
 
-_gemm_observer = None  # set by tinyattn.profiler to time every matrix product
+_matmul_hooks = []  # see add_matmul_hook
 
 
-def set_gemm_observer(observer):
-    global _gemm_observer
-    _gemm_observer = observer
+def add_matmul_hook(hook):
+    """Call `hook(a, b, seconds)` after every matrix product (the profiler times BLAS this
+    way); returns a handle whose remove() detaches it."""
+    return HookHandle(_matmul_hooks, hook)
 
 
 def matmul(a, b, out=None):
@@ -110,10 +121,12 @@ def matmul(a, b, out=None):
     out: an array to write the product into. It may be a strided view, such as one head's
     columns of a wider array: NumPy's BLAS path takes any row stride, so the product lands
     in place with no copy (the attention kernels use this to skip splitting heads)."""
-    start = time.perf_counter() if _gemm_observer is not None else None
+    if not _matmul_hooks:
+        return a @ b if out is None else array_module(a).matmul(a, b, out=out)
+    start = time.perf_counter()
     result = a @ b if out is None else array_module(a).matmul(a, b, out=out)
-    if start is not None:
-        _gemm_observer(a, b, time.perf_counter() - start)
+    for hook in _matmul_hooks:
+        hook(a, b, time.perf_counter() - start)
     return result
 
 
@@ -132,11 +145,12 @@ def to_host(array):
 
 
 def to_device(array, device):
-    """`array` on `device`; the only place where data crosses between host and GPU."""
+    """`array` on `device` (a host array from a seeded generator, say); the only place
+    where data crosses between host and GPU."""
     device = check_device(device)
     if device_of(array) == device:
         return array
-    return numpy.asarray(to_host(array)) if device == "cpu" else _cupy.asarray(array)
+    return to_host(array) if device == "cpu" else _cupy.asarray(array)
 
 
 def default_dtype_for(data):
@@ -161,11 +175,6 @@ def as_array(data, dtype=None, device=None):
         data = to_device(numpy.asarray(data) if isinstance(data, numpy.ndarray) else data, device)  # memmap etc. -> ndarray
         return data if data.dtype == dtype else data.astype(dtype)
     return module_for(device).asarray(numpy.asarray(data, dtype=dtype))
-
-
-def from_host(array, device):
-    """Put a host array (from a seeded numpy generator, say) on `device`."""
-    return array if check_device(device) == "cpu" else _cupy.asarray(array)
 
 
 def is_floating(dtype):
@@ -197,81 +206,3 @@ def generator(seed=None):
 
 def host_arange(start, stop, step, dtype):
     return numpy.arange(start, stop, step, dtype=dtype)
-
-
-def save_arrays(file, arrays):
-    """Write named arrays (host copies) to an open binary file in NumPy's .npz format."""
-    numpy.savez(file, **{name: to_host(array) for name, array in arrays.items()})
-
-
-def load_arrays(path):
-    """Read every array of an .npz file into memory, refusing pickled objects."""
-    with numpy.load(path, allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
-
-
-def text_array(text):
-    """A str as a 0-d unicode array, storable in .npz without pickle."""
-    return numpy.array(text)
-
-
-# --- BLAS threads -------------------------------------------------------------------------------
-
-_openblas_threads = None  # (set, get) functions of the OpenBLAS NumPy loaded, once found; False if none
-
-
-def _find_openblas_threads():
-    """The set/get thread-count functions of the OpenBLAS in this process (NumPy's wheels
-    bundle one, with prefixed symbols), found through the loaded libraries; None elsewhere
-    (another BLAS, or no /proc)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1].lower()})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_{}_num_threads64_", "scipy_openblas_{}_num_threads", "openblas_{}_num_threads64_", "openblas_{}_num_threads"):
-            setter, getter = (getattr(library, name.format(verb), None) for verb in ("set", "get"))
-            if setter is not None and getter is not None:
-                setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
-                return setter, getter
-    return None
-
-
-def _blas_thread_control():
-    global _openblas_threads
-    if _openblas_threads is None:
-        _openblas_threads = _find_openblas_threads() or False
-    return _openblas_threads or None
-
-
-def can_limit_blas_threads():
-    """Whether blas_threads() can change how many threads NumPy's matrix products use."""
-    return _blas_thread_control() is not None
-
-
-def blas_thread_count():
-    """How many threads NumPy's BLAS may use now, or None where that cannot be read."""
-    control = _blas_thread_control()
-    return None if control is None else control[1]()
-
-
-@contextlib.contextmanager
-def blas_threads(count):
-    """Run the block with NumPy's BLAS using at most `count` threads, then restore the
-    previous count. Process-wide; does nothing where can_limit_blas_threads() is False."""
-    control = _blas_thread_control()
-    if control is None:
-        yield
-        return
-    set_threads, get_threads = control
-    before = get_threads()
-    set_threads(count)
-    try:
-        yield
-    finally:
-        set_threads(before)

@@ -10,6 +10,8 @@ import os
 import tempfile
 import zipfile
 
+import numpy  # the .npz format itself; tensor data reaches it as host copies (backend.to_host)
+
 from . import backend
 from .engine import Tensor
 
@@ -51,18 +53,29 @@ def _join(tree, arrays):
     return tree
 
 
+def save_arrays(file, arrays):
+    """Write named arrays (host copies) to an open binary file in NumPy's .npz format."""
+    numpy.savez(file, **{name: backend.to_host(array) for name, array in arrays.items()})
+
+
+def load_arrays(path):
+    """Read every array of an .npz file into memory, refusing pickled objects."""
+    with numpy.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
 def save(path, state):
     """Write `state` (nested dicts and lists of arrays, Tensors, numbers and strings) to `path` atomically."""
     arrays = {}
     skeleton = _split(state, arrays)
-    arrays["__format__"] = backend.text_array(FORMAT)
-    arrays["__skeleton__"] = backend.text_array(json.dumps(skeleton))
+    arrays["__format__"] = numpy.array(FORMAT)  # strings as 0-d unicode arrays: storable without pickle
+    arrays["__skeleton__"] = numpy.array(json.dumps(skeleton))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz.tmp", dir=folder)
     try:
         with os.fdopen(handle, "wb") as file:
-            backend.save_arrays(file, arrays)
+            save_arrays(file, arrays)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -79,7 +92,7 @@ def load(path):
         if file.read(4) != ZIP_MAGIC:
             raise CheckpointError(path, "not an .npz file (a tinyattn checkpoint is a zip archive of arrays)")
     try:
-        arrays = backend.load_arrays(path)
+        arrays = load_arrays(path)
     except ValueError as error:
         if "pickle" in str(error):
             raise CheckpointError(path, "contains pickled objects, which tinyattn never writes and will not load") from None

@@ -16,17 +16,30 @@ import weakref
 
 from . import backend
 
+# tinyattn.ops, which Tensor's methods call. ops.py builds on this module (Function, Tensor),
+# so this module cannot import it; ops.py binds this name when it has loaded.
+ops = None
+
 _grad_mode = threading.local()
-_profile = None  # a profiler.Profile while tinyattn.profiler is on
+_op_hooks = []  # see add_op_hook
 
 
-def set_profile(profile):
-    global _profile
-    _profile = profile
+def add_op_hook(hook):
+    """Run `hook(phase, name, run)` around every Function's forward (phase 'forward') and
+    backward ('backward'): `name` is the Function's class name and `run()` does the work,
+    whose result the hook returns. The profiler times ops this way. Returns a handle whose
+    remove() detaches the hook."""
+    return backend.HookHandle(_op_hooks, hook)
 
 
-def current_profile():
-    return _profile
+def op_hooks_attached():
+    return bool(_op_hooks)
+
+
+def _hooked(phase, name, run):
+    for hook in reversed(_op_hooks):
+        run = functools.partial(hook, phase, name, run)
+    return run()
 
 
 def is_grad_enabled():
@@ -74,51 +87,67 @@ class set_grad_enabled(_GradMode):
 class Function:
     """One differentiable operation: `forward` on arrays, `backward` on Tensors.
 
-    Subclasses write `forward(self, *arrays, **options)` returning one array, and
-    `backward(self, grad)` returning one gradient (or None) per input. State that
-    backward needs is saved on `self` in forward; `self.inputs` are the input Tensors
-    and `self.output` the result, for rules that are cheaper in terms of it.
+    Subclasses write `forward(self, *arrays, **options)` and `backward(self, *grads)`.
+    forward returns one array, or a tuple of arrays for an op with several outputs
+    (attention returns its output and its weights); apply then returns a Tensor for
+    each. backward gets one gradient per output (None for an output no gradient reached)
+    and returns one gradient (or None) per input. An input may be None, an absent
+    optional parameter such as a bias: forward sees None and backward returns None for it.
+    State that backward needs is saved on `self` in forward; `self.inputs` are the input
+    Tensors and `self.output` (`self.outputs`) the results, for rules cheaper in terms of them.
     """
 
     inputs = None  # None after the graph was released by a backward pass
+    n_outputs = 1
 
     @classmethod
     def apply(cls, *inputs, **options):
-        arrays = [tensor.data for tensor in inputs]
+        arrays = [None if tensor is None else tensor.data for tensor in inputs]
         kind = type(arrays[0])
         for array in arrays[1:]:
-            if type(array) is not kind:
-                devices = " and ".join(sorted({backend.device_of(a) for a in arrays}))
+            if array is not None and type(array) is not kind:
+                devices = " and ".join(sorted({backend.device_of(a) for a in arrays if a is not None}))
                 raise backend.DeviceError(f"{cls.__name__} got tensors on different devices ({devices}); move them with .to(device) first")
         function = cls()
         function.xp = backend.array_module(arrays[0])
         try:
-            if _profile is None:
-                result = function.forward(*arrays, **options)
+            if _op_hooks:
+                results = _hooked("forward", cls.__name__, functools.partial(function.forward, *arrays, **options))
             else:
-                result = _profile.timed(_profile.forward, cls.__name__, function.forward, *arrays, **options)
+                results = function.forward(*arrays, **options)
         except (ValueError, IndexError) as error:
-            shapes = " and ".join(str(a.shape) for a in arrays)
+            shapes = " and ".join(str(a.shape) for a in arrays if a is not None)
             raise type(error)(f"{cls.__name__} on shapes {shapes}: {error}") from None
-        if type(result) is not kind:  # NumPy hands back scalars, not 0-d arrays, from full reductions
-            result = backend.ensure_array(result)
-        requires_grad = is_grad_enabled() and backend.is_floating(result.dtype) and any(t.requires_grad for t in inputs)
-        output = Tensor._from_array(result, requires_grad)
-        if requires_grad:
+        several = type(results) is tuple
+        record = is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        outputs, recorded = [], False
+        for index, result in enumerate(results if several else (results,)):
+            if type(result) is not kind:  # NumPy hands back scalars, not 0-d arrays, from full reductions
+                result = backend.ensure_array(result)
+            requires_grad = record and backend.is_floating(result.dtype)
+            output = Tensor._from_array(result, requires_grad)
+            if requires_grad:
+                output._ctx, output._output_index, recorded = function, index, True
+            outputs.append(output)
+        if recorded:
             function.inputs = inputs
-            function.needs_input_grad = tuple(t.requires_grad for t in inputs)
-            function._output = weakref.ref(output)
-            output._ctx = function
-        return output
+            function.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
+            function.n_outputs = len(outputs)
+            function._outputs = tuple(weakref.ref(output) for output in outputs)
+        return tuple(outputs) if several else outputs[0]
 
     @property
     def output(self):
-        return self._output()
+        return self._outputs[0]()
+
+    @property
+    def outputs(self):
+        return tuple(output() for output in self._outputs)
 
     def forward(self, *arrays, **options):
         raise NotImplementedError
 
-    def backward(self, grad):
+    def backward(self, *grads):
         raise NotImplementedError
 
     def release(self):
@@ -129,13 +158,14 @@ class Function:
 class Tensor:
     """An n-dimensional array that remembers how it was computed."""
 
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_retains_grad", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_output_index", "_retains_grad", "__weakref__")
     __array_ufunc__ = None  # numpy_scalar * tensor must call Tensor.__rmul__, not numpy
 
     def __init__(self, data, dtype=None, requires_grad=False, device=None):
         self.data = backend.as_array(data, dtype, device)
         self.grad = None
         self._ctx = None
+        self._output_index = 0
         self._retains_grad = False
         self.requires_grad = False
         if requires_grad:
@@ -148,6 +178,7 @@ class Tensor:
         tensor.grad = None
         tensor.requires_grad = requires_grad
         tensor._ctx = None
+        tensor._output_index = 0  # which of its Function's outputs this tensor is
         tensor._retains_grad = False
         return tensor
 
@@ -160,6 +191,7 @@ class Tensor:
     device = property(lambda self: backend.device_of(self.data))
     is_leaf = property(lambda self: self._ctx is None)
     grad_fn = property(lambda self: self._ctx)
+    xp = property(lambda self: backend.array_module(self.data))  # numpy or cupy, whichever holds the data
 
     def __len__(self):
         return self.data.shape[0]
@@ -180,7 +212,6 @@ class Tensor:
             raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous; use .any() or .all()")
         return bool(self.data)
 
-    __hash__ = object.__hash__  # == is elementwise, so hash by identity as PyTorch does
 
     def numpy(self):
         """The values as a host numpy array (a copy for GPU tensors)."""
@@ -210,6 +241,169 @@ class Tensor:
             raise RuntimeError("retain_grad() on a tensor that does not require grad")
         self._retains_grad = True
         return self
+
+    # --- ops as methods: each calls the function of the same name in ops.py -------------
+
+    def __add__(self, other):
+        return ops.add(self, other)
+
+    def __radd__(self, other):
+        return ops.add(other, self)
+
+    def __sub__(self, other):
+        return ops.sub(self, other)
+
+    def __rsub__(self, other):
+        return ops.sub(other, self)
+
+    def __mul__(self, other):
+        return ops.mul(self, other)
+
+    def __rmul__(self, other):
+        return ops.mul(other, self)
+
+    def __truediv__(self, other):
+        return ops.div(self, other)
+
+    def __rtruediv__(self, other):
+        return ops.div(other, self)
+
+    def __pow__(self, other):
+        return ops.pow(self, other)
+
+    def __rpow__(self, other):
+        return ops.pow(other, self)
+
+    def __matmul__(self, other):
+        return ops.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return ops.matmul(other, self)
+
+    def __neg__(self):
+        return ops.neg(self)
+
+    def __abs__(self):
+        return ops.abs(self)
+
+    def __getitem__(self, index):
+        return ops.getitem(self, index)
+
+    # Comparisons are elementwise and give boolean tensors outside the graph.
+    def __eq__(self, other):
+        return ops.equal(self, other)
+
+    def __ne__(self, other):
+        return ops.not_equal(self, other)
+
+    def __lt__(self, other):
+        return ops.less(self, other)
+
+    def __le__(self, other):
+        return ops.less_equal(self, other)
+
+    def __gt__(self, other):
+        return ops.greater(self, other)
+
+    def __ge__(self, other):
+        return ops.greater_equal(self, other)
+
+    __hash__ = object.__hash__  # == is elementwise, so hash by identity as PyTorch does
+
+    @property
+    def T(self):
+        """The axes reversed."""
+        return ops.transpose(self)
+
+    def exp(self):
+        return ops.exp(self)
+
+    def log(self):
+        return ops.log(self)
+
+    def sqrt(self):
+        return ops.sqrt(self)
+
+    def tanh(self):
+        return ops.tanh(self)
+
+    def sigmoid(self):
+        return ops.sigmoid(self)
+
+    def relu(self):
+        return ops.relu(self)
+
+    def gelu(self):
+        return ops.gelu(self)
+
+    def abs(self):
+        return ops.abs(self)
+
+    def clip(self, low=None, high=None):
+        return ops.clip(self, low, high)
+
+    def maximum(self, other):
+        return ops.maximum(self, other)
+
+    def minimum(self, other):
+        return ops.minimum(self, other)
+
+    def sum(self, axis=None, keepdims=False):
+        return ops.sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return ops.mean(self, axis, keepdims)
+
+    def var(self, axis=None, keepdims=False, ddof=0):
+        return ops.var(self, axis, keepdims, ddof)
+
+    def max(self, axis=None, keepdims=False):
+        return ops.max(self, axis, keepdims)
+
+    def min(self, axis=None, keepdims=False):
+        return ops.min(self, axis, keepdims)
+
+    def argmax(self, axis=None, keepdims=False):
+        return ops.argmax(self, axis, keepdims)
+
+    def argmin(self, axis=None, keepdims=False):
+        return ops.argmin(self, axis, keepdims)
+
+    def reshape(self, *shape):
+        return ops.reshape(self, *shape)
+
+    def transpose(self, *axes):
+        return ops.transpose(self, *axes)
+
+    def swapaxes(self, axis1, axis2):
+        return ops.swapaxes(self, axis1, axis2)
+
+    def squeeze(self, axis=None):
+        return ops.squeeze(self, axis)
+
+    def unsqueeze(self, axis):
+        return ops.unsqueeze(self, axis)
+
+    def broadcast_to(self, shape):
+        return ops.broadcast_to(self, shape)
+
+    def expand(self, *shape):
+        return ops.expand(self, *shape)
+
+    def sum_to(self, shape):
+        return ops.sum_to(self, shape)
+
+    def masked_fill(self, mask, value):
+        return ops.masked_fill(self, mask, value)
+
+    def split(self, indices_or_sections, axis=0):
+        return ops.split(self, indices_or_sections, axis)
+
+    def astype(self, dtype):
+        return ops.astype(self, dtype)
+
+    def to(self, device):
+        return ops.to(self, device)
 
     # --- backward -----------------------------------------------------------------
 
@@ -257,7 +451,7 @@ def _topological_order(root):
         visited.add(function)
         stack.append((function, True))
         for tensor in function.inputs:
-            if tensor._ctx is not None and tensor._ctx not in visited:
+            if tensor is not None and tensor._ctx is not None and tensor._ctx not in visited:
                 stack.append((tensor._ctx, False))
     order.reverse()
     return order
@@ -300,39 +494,51 @@ def backpropagate(root, root_grad, retain_graph, create_graph, inputs=None):
     if root._ctx is None:
         deliver(root, root_grad)
         return found
-    # Function -> (its output, the gradient gathered so far, whether the engine made that
-    # gradient's array itself). Holding the output keeps it alive for rules that use it,
-    # even after its consumers have released their inputs. A gradient the engine summed is
-    # seen by no one else, so further contributions are added to it in place; one that came
-    # from a backward rule may be shared (Add hands the same gradient to both inputs).
-    pending = {root._ctx: (root, root_grad, False)}
+    # Function -> one entry per output: None, or [that output, the gradient gathered for it
+    # so far, whether the engine made that gradient's array itself]. Holding the output keeps
+    # it alive for rules that use it, even after its consumers have released their inputs.
+    # A gradient the engine summed is seen by no one else, so further contributions are added
+    # to it in place; one that came from a backward rule may be shared (Add hands the same
+    # gradient to both inputs).
+    pending = {}
+
+    def gather(tensor, grad):
+        """A gradient reaching a tensor that an op made, from the root or from one of its consumers."""
+        slots = pending.get(tensor._ctx)
+        if slots is None:
+            slots = pending[tensor._ctx] = [None] * tensor._ctx.n_outputs
+        slot = slots[tensor._output_index]
+        if slot is None:
+            slots[tensor._output_index] = [tensor, grad, False]
+        elif slot[2]:
+            slot[1].data += grad.data
+        else:
+            slot[1], slot[2] = slot[1] + grad, not create_graph
+
+    gather(root, root_grad)
     with set_grad_enabled(create_graph):
         for function in _topological_order(root._ctx):
-            output, grad, _ = pending.pop(function, (None, None, False))
-            if grad is not None:
-                if output._retains_grad or wanted is not None:
-                    deliver(output, grad)
-                if _profile is None:
-                    input_grads = function.backward(grad)
+            slots = pending.pop(function, None)
+            if slots is not None:
+                grads = []
+                for slot in slots:
+                    if slot is not None and (slot[0]._retains_grad or wanted is not None):
+                        deliver(slot[0], slot[1])
+                    grads.append(None if slot is None else slot[1])
+                if _op_hooks:
+                    input_grads = _hooked("backward", type(function).__name__, functools.partial(function.backward, *grads))
                 else:
-                    input_grads = _profile.timed(_profile.backward, type(function).__name__, function.backward, grad)
+                    input_grads = function.backward(*grads)
                 if not isinstance(input_grads, tuple):
                     input_grads = (input_grads,)
                 for tensor, input_grad in zip(function.inputs, input_grads):
-                    if input_grad is None or not tensor.requires_grad:
+                    if input_grad is None or tensor is None or not tensor.requires_grad:
                         continue
                     input_grad = _reduce_to_input(input_grad, tensor)
                     if tensor._ctx is None:
                         deliver(tensor, input_grad)
-                    elif tensor._ctx in pending:
-                        _, total, owned = pending[tensor._ctx]
-                        if owned:
-                            total.data += input_grad.data
-                        else:
-                            total = total + input_grad
-                        pending[tensor._ctx] = (tensor, total, not create_graph)
                     else:
-                        pending[tensor._ctx] = (tensor, input_grad, False)
+                        gather(tensor, input_grad)
             if not retain_graph:
                 function.release()
     return found
@@ -356,7 +562,3 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
             raise RuntimeError(f"grad(): input {index} (shape {inputs[index].shape}) is not used to compute outputs; pass allow_unused=True to get None")
     return found[0] if single else tuple(found)
 
-
-Tensor.xp = property(lambda self: backend.array_module(self.data))
-
-from . import ops  # noqa: E402  (ops subclass Function and attach methods to Tensor)

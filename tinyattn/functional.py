@@ -120,7 +120,7 @@ def embedding(ids, weight):
 def dropout_mask(shape, p, generator, like):
     """A keep-mask scaled by 1/(1-p), drawn on the host from `generator` so seeds match across devices."""
     keep = generator.random(shape) >= p
-    return constant(backend.from_host(keep.astype(like.dtype) * (1.0 / (1.0 - p)), like.device))
+    return constant(backend.to_device(keep.astype(like.dtype) * (1.0 / (1.0 - p)), like.device))
 
 
 def dropout(x, p, training, generator):

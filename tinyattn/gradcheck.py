@@ -91,7 +91,7 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, fast=False, seed=0):
     rng = backend.generator(seed)
     xp = outputs[0].xp
     n_out = sum(o.size for o in outputs)
-    random_flat = backend.from_host(rng.standard_normal(n_out), outputs[0].device)
+    random_flat = backend.to_device(rng.standard_normal(n_out), outputs[0].device)
     _check_backward_behaviour(outputs, inputs, checked, random_flat)
     if fast:
         _check_directional(fn, inputs, outputs, checked, random_flat, rng, eps, atol, rtol)
@@ -129,7 +129,7 @@ def _check_directional(fn, inputs, outputs, checked, cotangent_flat, rng, eps, a
     grads = _vector_jacobian(outputs, inputs, checked, _cotangents(outputs, cotangent_flat))
     for g, i in zip(grads, checked):
         data = inputs[i].data
-        direction = backend.from_host(rng.standard_normal(data.shape), inputs[i].device)
+        direction = backend.to_device(rng.standard_normal(data.shape), inputs[i].device)
         original = data.copy()
         data[...] = original + eps * direction
         plus = _flat_outputs(fn, inputs)
@@ -150,7 +150,7 @@ def gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, fast=False, seed=0
     checked = _checked_inputs(inputs)
     outputs = _as_outputs(fn(*inputs))
     rng = backend.generator(seed + 1)
-    cotangents = [Tensor(backend.from_host(rng.standard_normal(o.shape), o.device), requires_grad=True) for o in outputs]
+    cotangents = [Tensor(backend.to_device(rng.standard_normal(o.shape), o.device), requires_grad=True) for o in outputs]
 
     def first_derivatives(*args):
         primal, cotangent = list(args[:len(inputs)]), args[len(inputs):]

@@ -9,8 +9,9 @@ each input's shape in one place (`engine._reduce_to_input`).
 import builtins
 import math
 import operator
+import sys
 
-from . import backend
+from . import backend, engine
 
 # This module defines sum, max, min, abs and pow as tensor ops; the builtins stay reachable as builtins.max etc.
 from .engine import Function, Tensor
@@ -676,35 +677,19 @@ def to(x, device):
 
 
 def _comparison(compare):
-    def method(a, b):
+    def compare_elementwise(a, b):
         b = _lift(b, a)
         if a.device != b.device:
             raise backend.DeviceError(f"comparison of tensors on different devices ({a.device} and {b.device})")
         return constant(compare(a.data, b.data))
-    return method
+    return compare_elementwise
 
 
-def _reflected(function):
-    return lambda self, other: function(other, self)
+equal = _comparison(operator.eq)
+not_equal = _comparison(operator.ne)
+less = _comparison(operator.lt)
+less_equal = _comparison(operator.le)
+greater = _comparison(operator.gt)
+greater_equal = _comparison(operator.ge)
 
-
-Tensor.__add__, Tensor.__radd__ = add, _reflected(add)
-Tensor.__sub__, Tensor.__rsub__ = sub, _reflected(sub)
-Tensor.__mul__, Tensor.__rmul__ = mul, _reflected(mul)
-Tensor.__truediv__, Tensor.__rtruediv__ = div, _reflected(div)
-Tensor.__pow__, Tensor.__rpow__ = pow, _reflected(pow)
-Tensor.__matmul__, Tensor.__rmatmul__ = matmul, _reflected(matmul)
-Tensor.__neg__ = neg
-Tensor.__abs__ = abs
-Tensor.__getitem__ = getitem
-Tensor.__eq__ = _comparison(operator.eq)
-Tensor.__ne__ = _comparison(operator.ne)
-Tensor.__lt__ = _comparison(operator.lt)
-Tensor.__le__ = _comparison(operator.le)
-Tensor.__gt__ = _comparison(operator.gt)
-Tensor.__ge__ = _comparison(operator.ge)
-Tensor.T = property(lambda self: Transpose.apply(self, axes=None))
-for _function in (exp, log, sqrt, tanh, sigmoid, relu, gelu, abs, clip, maximum, minimum, sum, mean, var, max, min,
-                  argmax, argmin, reshape, transpose, swapaxes, squeeze, unsqueeze, broadcast_to, expand, sum_to,
-                  masked_fill, astype, to, split):
-    setattr(Tensor, _function.__name__, _function)
+engine.ops = sys.modules[__name__]  # Tensor's methods call the functions above (see engine.ops)

@@ -17,13 +17,13 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from . import backend
-from .engine import Tensor, current_profile, grad
+from . import backend, cpu, profiler
+from .engine import Tensor, grad
 
 
 def default_shards(device="cpu"):
     """2 on a CPU with at least two cores whose BLAS threads can be limited, else 1."""
-    if device != "cpu" or (os.cpu_count() or 1) < 2 or not backend.can_limit_blas_threads():
+    if device != "cpu" or (os.cpu_count() or 1) < 2 or not cpu.can_limit_blas_threads():
         return 1
     return 2
 
@@ -66,8 +66,8 @@ class ShardedBackward:
             finite = math.isfinite(outputs[0].item())
             return outputs, grad(outputs[0], params, allow_unused=True) if finite else None
 
-        with backend.blas_threads(self.blas_threads_per_shard):
-            if current_profile() is not None:
+        with cpu.blas_threads(self.blas_threads_per_shard):
+            if profiler.is_active():
                 results = [run(shard) for shard in shards]
             else:
                 # Each shard runs in a copy of the caller's context, so settings such as NumPy's errstate carry over.

@@ -35,16 +35,17 @@ class Profile:
         self.started = time.perf_counter()
         self.stopped = None
 
-    def timed(self, table, name, function, *args, **kwargs):
-        """Run function, charging its time to `name` unless an enclosing op is already being timed."""
+    def time_op(self, phase, name, run):
+        """The engine's op hook (engine.add_op_hook): run the op, charging its time to `name`
+        in the forward or backward table unless an enclosing op is already being timed."""
         if self.depth:
-            return function(*args, **kwargs)
+            return run()
         self.depth += 1
         start = time.perf_counter()
         try:
-            return function(*args, **kwargs)
+            return run()
         finally:
-            entry = table[name]
+            entry = (self.forward if phase == "forward" else self.backward)[name]
             entry[0] += 1
             entry[1] += time.perf_counter() - start
             self.depth -= 1
@@ -90,19 +91,29 @@ class Profile:
         return "\n".join(lines)
 
 
+_active = None  # the Profile being filled, and the handles of its hooks
+
+
 def start():
     """Begin profiling; returns the Profile being filled."""
+    global _active
     report = Profile()
-    engine.set_profile(report)
-    backend.set_gemm_observer(report.observe_gemm)
+    _active = (report, engine.add_op_hook(report.time_op), backend.add_matmul_hook(report.observe_gemm))
     return report
 
 
 def stop(report):
+    global _active
     report.stopped = time.perf_counter()
-    engine.set_profile(None)
-    backend.set_gemm_observer(None)
+    if _active is not None and _active[0] is report:
+        for handle in _active[1:]:
+            handle.remove()
+        _active = None
     return report
+
+
+def is_active():
+    return _active is not None
 
 
 @contextlib.contextmanager
@@ -117,10 +128,10 @@ def profile():
 @contextlib.contextmanager
 def region(name):
     """Charge a block that is not an op (the optimizer step) to `name` while profiling."""
-    report = engine.current_profile()
-    if report is None:
+    if _active is None:
         yield
         return
+    report = _active[0]
     report.depth += 1
     begin = time.perf_counter()
     try:

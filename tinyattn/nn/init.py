@@ -10,7 +10,7 @@ from ..creation import default_generator
 
 
 def _fill(tensor, host_values):
-    tensor.data[...] = backend.from_host(host_values.astype(tensor.dtype), tensor.device)
+    tensor.data[...] = backend.to_device(host_values.astype(tensor.dtype), tensor.device)
     return tensor
 
 
