@@ -14,7 +14,7 @@ from models import MODELS, Config, ConfigError
 from models.config import RUN_SETTINGS, flag_name, setting_name
 from models.evaluation import show_decode, show_evaluation
 from models.training import CHECKPOINT_NAME, Run, train
-from tinyattn import checkpoint
+from tinyattn import checkpoint, kernels
 from tinyattn.cpu import tune_allocator
 from tinyattn.tasks import FIRST_SYMBOL, TASKS
 
@@ -57,6 +57,9 @@ def build_parser():
     training.add_argument("--device", choices=["cpu", "cuda"], help="backend: cpu (NumPy) or cuda (CuPy) (default: TINYATTN_DEVICE or cpu)")
     training.add_argument("--threads", type=int, help="threads that share each step, each on its own part of the batch "
                           "(default 2 on a CPU with two or more cores when each part gets enough rows, else 1; 1 with dropout)")
+    training.add_argument("--kernels", choices=kernels.CHOICES,
+                          help="fused: hand-derived kernels (fast); composed: the autodiff engine's ops alone, the code to read "
+                          "(default fused; a run setting: a checkpoint trained with one loads and decodes with the other)")
     training.add_argument("--stop-at", type=int, help="stop at this step and save, as if interrupted (to split a run in parts)")
     files = parser.add_argument_group("files")
     files.add_argument("--out", help=f"folder for {CHECKPOINT_NAME} (default runs)")

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import typing
 
+from tinyattn import kernels
 from tinyattn.tasks import TASKS
 
 MODELS = ("transformer", "gpt", "rnn", "rnn-attention")
@@ -57,6 +58,7 @@ class Config:
     target_accuracy: float = 0.99
     device: typing.Optional[str] = None
     threads: typing.Optional[int] = None
+    kernels: str = kernels.DEFAULT
     out: str = "runs"
     log: typing.Optional[str] = None
     stop_at: typing.Optional[int] = None
@@ -89,7 +91,7 @@ class Config:
             expected = SETTINGS[field.name]
             require(value is None and field.default is None or _is_a(value, expected), field.name,
                     f"must be {expected.__name__ if expected is not float else 'a number'}, got {value!r}")
-        choices = {"task": sorted(TASKS), "model": MODELS, "device": DEVICES}
+        choices = {"task": sorted(TASKS), "model": MODELS, "kernels": kernels.CHOICES, "device": DEVICES}
         for setting, allowed in choices.items():
             value = getattr(self, setting)
             require(value is None or value in allowed, setting, f"must be one of {', '.join(allowed)}, got {value!r}")
@@ -131,5 +133,5 @@ def _plain_type(annotation):
 
 SETTINGS = {field.name: _plain_type(field.type) for field in dataclasses.fields(Config)}
 # What a resumed run may change; everything else (model, data, optimizer) comes from the checkpoint.
-RUN_SETTINGS = ("steps", "eval_every", "eval_size", "target_accuracy", "device", "threads", "out", "log",
+RUN_SETTINGS = ("steps", "eval_every", "eval_size", "target_accuracy", "device", "threads", "kernels", "out", "log",
                 "stop_at", "by_length")

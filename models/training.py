@@ -15,7 +15,7 @@ import time
 from tqdm import tqdm
 
 import tinyattn as ta
-from tinyattn import checkpoint, optim
+from tinyattn import checkpoint, kernels, optim
 from tinyattn.functional import cross_entropy
 from tinyattn.parallel import ShardedBackward, default_shards
 from tinyattn.tasks import PAD, SequenceTask
@@ -89,7 +89,8 @@ class Run:
         A non-finite loss is returned without an update, so the caller can stop with the model intact."""
         batch = next(self.stream)
         self.optimizer.zero_grad()
-        loss_value, predictions = forward_backward(self.model, self.params, batch, self.sharded)
+        with kernels.use(self.config.kernels):
+            loss_value, predictions = forward_backward(self.model, self.params, batch, self.sharded)
         if math.isfinite(loss_value):
             if self.config.grad_clip:
                 optim.clip_grad_norm_(self.params, self.config.grad_clip)
@@ -99,10 +100,12 @@ class Run:
         return loss_value, batch, predictions
 
     def evaluate(self, batches):
-        return evaluate(self.model, self.task, batches)
+        with kernels.use(self.config.kernels):
+            return evaluate(self.model, self.task, batches)
 
     def greedy_decode(self, source, max_new_tokens, need_weights=False):
-        return self.model.greedy_decode(source, max_new_tokens, need_weights=need_weights)
+        with kernels.use(self.config.kernels):
+            return self.model.greedy_decode(source, max_new_tokens, need_weights=need_weights)
 
     def eval_set(self):
         return self.task.eval_set(self.config.eval_size, self.config.seed, batch_size=512, device=self.config.device)
@@ -151,7 +154,7 @@ def train(config, resume=None, resume_path=None):
     path = os.path.join(config.out, CHECKPOINT_NAME)
     print("config: " + json.dumps(config.to_dict()), flush=True)
     print(f"model: {config.model}, {run.model.num_parameters():,} parameters; device {ta.get_default_device()}; "
-          f"{run.sharded.shards} thread{'s' if run.sharded.shards > 1 else ''} per step", flush=True)
+          f"{run.sharded.shards} thread{'s' if run.sharded.shards > 1 else ''} per step; {config.kernels} kernels", flush=True)
     log = open_log(config.log, append=resume is not None) if config.log else None
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))

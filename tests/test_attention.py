@@ -6,6 +6,7 @@ import pytest
 
 import tinyattn as ta
 from tinyattn import functional as F
+from tinyattn import kernels
 from tinyattn import nn
 
 RNG = np.random.default_rng(0)
@@ -43,12 +44,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["composed", "fused"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_attention_values_match_numpy(case, fused):
+def test_attention_values_match_numpy(case, kernel_path):
     q, k, v = randn(*case["q"]), randn(*case["k"]), randn(*case["k"])
     out, weights = F.scaled_dot_product_attention(q, k, v, mask=case["mask"], causal=case["causal"],
-                                                  return_weights=True, fused=fused)
+                                                  return_weights=True)
     allowed = case["mask"].numpy() if case["mask"] is not None else np.ones((1,), dtype=bool)
     if case["causal"]:
         allowed = allowed & np.tril(np.ones((case["q"][-2], case["k"][-2]), dtype=bool))
@@ -62,10 +62,11 @@ def test_composed_attention_gradcheck_and_gradgradcheck(case):
     q, k, v = randn(*case["q"]), randn(*case["k"]), randn(*case["k"])
 
     def attend(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, mask=case["mask"], causal=case["causal"], fused=False)
+        return F.scaled_dot_product_attention(q, k, v, mask=case["mask"], causal=case["causal"])
 
-    assert ta.gradcheck(attend, [q, k, v])
-    assert ta.gradgradcheck(attend, [q, k, v], fast=True)
+    with kernels.use("composed"):
+        assert ta.gradcheck(attend, [q, k, v])
+        assert ta.gradgradcheck(attend, [q, k, v], fast=True)
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
@@ -80,31 +81,30 @@ def test_fused_and_composed_agree_in_values_and_gradients(case):
     q, k, v = randn(*case["q"]), randn(*case["k"]), randn(*case["k"])
     upstream = RNG.standard_normal(case["q"][:-1] + (case["k"][-1],))
     results = []
-    for fused in (False, True):
-        out = F.scaled_dot_product_attention(q, k, v, mask=case["mask"], causal=case["causal"], fused=fused)
-        grads = ta.grad(out, [q, k, v], grad_outputs=upstream)
+    for path in ("composed", "fused"):
+        with kernels.use(path):
+            out = F.scaled_dot_product_attention(q, k, v, mask=case["mask"], causal=case["causal"])
+            grads = ta.grad(out, [q, k, v], grad_outputs=upstream)
         results.append([out.numpy()] + [g.numpy() for g in grads])
     for composed, fused in zip(*results):
         np.testing.assert_allclose(fused, composed, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["composed", "fused"])
-def test_masked_positions_get_exactly_zero_weight_and_rows_sum_to_one(fused):
+def test_masked_positions_get_exactly_zero_weight_and_rows_sum_to_one(kernel_path):
     q, k, v = randn(2, 2, 4, 8, grad=False), randn(2, 2, 4, 8, grad=False), randn(2, 2, 4, 8, grad=False)
     mask = padding_mask([4, 2], 4)
     _, weights = F.scaled_dot_product_attention(q.astype(ta.float32), k.astype(ta.float32), v.astype(ta.float32),
-                                                mask=mask, causal=True, return_weights=True, fused=fused)
+                                                mask=mask, causal=True, return_weights=True)
     w = weights.numpy()
     allowed = mask.numpy() & np.tril(np.ones((4, 4), dtype=bool))
     assert np.all(w[~np.broadcast_to(allowed, w.shape)] == 0.0)
     np.testing.assert_allclose(w.sum(axis=-1), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["composed", "fused"])
-def test_a_fully_masked_query_yields_zeros_not_nan(fused):
+def test_a_fully_masked_query_yields_zeros_not_nan(kernel_path):
     q, k, v = randn(1, 2, 3), randn(1, 3, 3), randn(1, 3, 3)
     mask = ta.tensor(np.array([[True, False, True], [False, False, False]]))
-    out, weights = F.scaled_dot_product_attention(q, k, v, mask=mask, return_weights=True, fused=fused)
+    out, weights = F.scaled_dot_product_attention(q, k, v, mask=mask, return_weights=True)
     assert np.all(out.numpy()[0, 1] == 0.0) and np.all(weights.numpy()[0, 1] == 0.0)
     out.sum().backward()
     assert np.all(np.isfinite(q.grad.numpy())) and np.all(q.grad.numpy()[0, 1] == 0.0)
@@ -113,14 +113,16 @@ def test_a_fully_masked_query_yields_zeros_not_nan(fused):
 def test_fused_attention_refuses_create_graph_and_says_what_to_use():
     q, k, v = randn(1, 2, 3), randn(1, 2, 3), randn(1, 2, 3)
     out = F.scaled_dot_product_attention(q, k, v)
-    with pytest.raises(RuntimeError, match="first-order.*fused=False"):
+    with pytest.raises(RuntimeError, match=r"first-order.*kernels.use\('composed'\)"):
         ta.grad(out.sum(), q, create_graph=True)
 
 
 def test_attention_dropout_is_seeded_and_scales_survivors():
     q, k, v = randn(1, 4, 4, grad=False), randn(1, 4, 4, grad=False), ta.tensor(np.eye(4)[None])
-    outs = [F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, generator=ta.Generator(5), fused=fused).numpy()
-            for fused in (False, True)]
+    outs = []
+    for path in ("composed", "fused"):
+        with kernels.use(path):
+            outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, generator=ta.Generator(5)).numpy())
     _, weights = F.scaled_dot_product_attention(q, k, v, return_weights=True)
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-12)
     kept = outs[0] != 0
@@ -169,9 +171,8 @@ def test_mha_has_pytorch_style_projections_and_rejects_bad_heads():
         nn.MultiHeadAttention(10, 4)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["composed", "fused"])
-def test_mha_gradcheck_self_and_cross_attention(fused):
-    mha = make_mha(fused=fused)
+def test_mha_gradcheck_self_and_cross_attention(kernel_path):
+    mha = make_mha()
     x, context = randn(2, 3, 8), randn(2, 5, 8)
     mask = padding_mask([5, 3], 5)
     params = mha.parameters()
@@ -187,24 +188,26 @@ def test_mha_input_shape_errors():
         mha(randn(2, 3, 8), context=randn(3, 4, 8))
 
 
-def test_mha_self_attention_cache_matches_full_causal_pass():
+def test_mha_self_attention_cache_matches_full_causal_pass(kernel_path):
     mha = make_mha()
     x = randn(2, 5, 8, grad=False)
     full, full_weights = mha(x, causal=True, need_weights=True)
     cache = {}
-    steps = [mha(x[:, t:t + 1], causal=True, need_weights=True, cache=cache) for t in range(5)]
+    with ta.no_grad():  # decoding: the fused block takes the cache under no_grad
+        steps = [mha(x[:, t:t + 1], causal=True, need_weights=True, cache=cache) for t in range(5)]
     np.testing.assert_allclose(ta.concatenate([s[0] for s in steps], axis=1).numpy(), full.numpy(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(steps[-1][1].numpy()[:, :, 0], full_weights.numpy()[:, :, -1], rtol=1e-12)
     assert cache["k"].shape == (2, 2, 5, 4)
 
 
-def test_mha_cross_attention_cache_projects_the_context_once():
+def test_mha_cross_attention_cache_projects_the_context_once(kernel_path):
     mha = make_mha()
     x, context = randn(1, 3, 8, grad=False), randn(1, 4, 8, grad=False)
     cache = {}
-    first, _ = mha(x[:, :1], context=context, cache=cache)
-    keys = cache["k"]
-    second, _ = mha(x[:, 1:2], context=context, cache=cache)
+    with ta.no_grad():
+        first, _ = mha(x[:, :1], context=context, cache=cache)
+        keys = cache["k"]
+        second, _ = mha(x[:, 1:2], context=context, cache=cache)
     assert cache["k"] is keys
     full, _ = mha(x, context=context)
     np.testing.assert_allclose(second.numpy(), full.numpy()[:, 1:2], rtol=1e-12)
@@ -213,7 +216,21 @@ def test_mha_cross_attention_cache_projects_the_context_once():
 def test_weights_returned_under_recording_carry_gradient_even_when_fused():
     q, k, v = randn(1, 3, 4), randn(1, 3, 4), randn(1, 3, 4)
     grads = []
-    for fused in (False, True):
-        out, weights = F.scaled_dot_product_attention(q, k, v, return_weights=True, fused=fused)
-        grads.append(ta.grad(out.sum() + (weights * weights).sum(), [q])[0].numpy())
+    for path in ("composed", "fused"):
+        with kernels.use(path):
+            out, weights = F.scaled_dot_product_attention(q, k, v, return_weights=True)
+            grads.append(ta.grad(out.sum() + (weights * weights).sum(), [q])[0].numpy())
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-12)
+
+
+def test_a_cache_while_gradients_are_recorded_runs_the_composed_block_and_says_so_once():
+    mha = make_mha()
+    x = randn(1, 2, 8)
+    kernels._warned.clear()
+    with pytest.warns(UserWarning, match="multi-head attention: a key/value cache while gradients are recorded"):
+        out, _ = mha(x, causal=True, cache={})
+    assert type(out.grad_fn).__name__ != "FusedMultiHeadAttention"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mha(x, causal=True, cache={})  # said once, not again

@@ -4,7 +4,7 @@ import pytest
 
 import tinyattn as ta
 from models import Config, build_model
-from tinyattn import nn
+from tinyattn import kernels, nn
 from tinyattn.tasks import SequenceTask
 
 RNG = np.random.default_rng(11)
@@ -18,9 +18,8 @@ def sigmoid(v):
     return 1.0 / (1.0 + np.exp(-v))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
-def test_gru_cell_follows_the_gru_equations(fused):
-    cell = nn.GRUCell(3, 4, generator=ta.Generator(0), dtype=ta.float64, fused=fused)
+def test_gru_cell_follows_the_gru_equations(kernel_path):
+    cell = nn.GRUCell(3, 4, generator=ta.Generator(0), dtype=ta.float64)
     x, h = RNG.standard_normal((2, 3)), RNG.standard_normal((2, 4))
     w_ih, w_hh, b_ih, b_hh = (p.numpy() for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh))
     gx, gh = x @ w_ih.T + b_ih, h @ w_hh.T + b_hh
@@ -29,27 +28,25 @@ def test_gru_cell_follows_the_gru_equations(fused):
     np.testing.assert_allclose(cell(ta.tensor(x), ta.tensor(h)).numpy(), (1 - z) * n + z * h, rtol=1e-12)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
-def test_gru_cell_gradcheck(fused):
-    cell = nn.GRUCell(3, 4, generator=ta.Generator(1), dtype=ta.float64, fused=fused)
+def test_gru_cell_gradcheck(kernel_path):
+    cell = nn.GRUCell(3, 4, generator=ta.Generator(1), dtype=ta.float64)
     assert ta.gradcheck(lambda x, h, *ps: cell(x, h), [randn(2, 3), randn(2, 4), *cell.parameters()])
 
 
 def test_composed_gru_cell_differentiates_twice_and_fused_refuses():
-    composed = nn.GRUCell(2, 3, generator=ta.Generator(2), dtype=ta.float64, fused=False)
-    assert ta.gradgradcheck(lambda x, h: composed(x, h), [randn(2, 2), randn(2, 3)], fast=True)
-    fused = nn.GRUCell(2, 3, generator=ta.Generator(2), dtype=ta.float64)
+    cell = nn.GRUCell(2, 3, generator=ta.Generator(2), dtype=ta.float64)
+    with kernels.use("composed"):
+        assert ta.gradgradcheck(lambda x, h: cell(x, h), [randn(2, 2), randn(2, 3)], fast=True)
     x = randn(2, 2)
-    with pytest.raises(RuntimeError, match="first-order.*fused=False"):
-        ta.grad(fused(x, randn(2, 3)).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"first-order.*kernels.use\('composed'\)"):
+        ta.grad(cell(x, randn(2, 3)).sum(), x, create_graph=True)
 
 
 MASK = ta.tensor(np.array([[True, True, False, False], [True, True, True, True]]))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
-def test_additive_attention_values_and_gradcheck(fused):
-    attention = nn.AdditiveAttention(3, 5, 4, generator=ta.Generator(3), dtype=ta.float64, fused=fused)
+def test_additive_attention_values_and_gradcheck(kernel_path):
+    attention = nn.AdditiveAttention(3, 5, 4, generator=ta.Generator(3), dtype=ta.float64)
     query, keys = randn(2, 3), randn(2, 4, 5)
     context, weights = attention(query, keys, mask=MASK)
     w_q, w_k, b_k, v = (p.numpy() for p in (attention.query_proj.weight, attention.key_proj.weight,
@@ -62,27 +59,6 @@ def test_additive_attention_values_and_gradcheck(fused):
     assert np.all(weights.numpy()[0, 2:] == 0.0)
     np.testing.assert_allclose(context.numpy(), np.einsum("bs,bsk->bk", expected, keys.numpy()), rtol=1e-12)
     assert ta.gradcheck(lambda q, k, *ps: attention(q, k, mask=MASK)[0], [query, keys, *attention.parameters()])
-
-
-def assert_same_values_and_gradients(fused, composed, inputs):
-    results = []
-    for layer in (fused, composed):
-        out = layer(*inputs)
-        out = out[0] if isinstance(out, tuple) else out
-        results.append([out.numpy()] + [g.numpy() for g in ta.grad(out.sum(), inputs + layer.parameters())])
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_fused_and_composed_gru_cells_agree():
-    fused, composed = (nn.GRUCell(3, 4, generator=ta.Generator(5), dtype=ta.float64, fused=flag) for flag in (True, False))
-    assert_same_values_and_gradients(fused, composed, [randn(2, 3), randn(2, 4)])
-
-
-def test_fused_and_composed_additive_attention_agree():
-    fused, composed = (nn.AdditiveAttention(4, 4, 6, generator=ta.Generator(6), dtype=ta.float64, fused=flag)
-                       for flag in (True, False))
-    assert_same_values_and_gradients(fused, composed, [randn(2, 4), randn(2, 3, 4)])
 
 
 def test_fully_masked_query_gets_zero_context():

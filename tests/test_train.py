@@ -610,3 +610,47 @@ def test_rnn_models_train_and_report_accuracy_by_length(tmp_path, capsys):
                        "--svg", str(tmp_path / "b.svg")]) == 0
     assert "additive attention, layer 1, head 1" in capsys.readouterr().out
     assert (tmp_path / "b.svg").exists()
+
+
+# --- the kernels switch from the command line --------------------------------------------------------
+
+def test_kernels_composed_trains_with_engine_ops_alone_and_the_checkpoint_serves_both_paths(tmp_path, monkeypatch):
+    from tinyattn import engine
+    names = set()
+
+    def hook(phase, name, run):
+        names.add(name)
+        return run()
+
+    handle = engine.add_op_hook(hook)
+    try:
+        code, stdout, stderr = run_main([*TINY, "--lr", "1e-2", "--steps", "800", "--eval-every", "50",
+                                         "--target-accuracy", "1.0", "--kernels", "composed", "--out", tmp_path / "run"])
+    finally:
+        handle.remove()
+    assert code == 0, stderr
+    assert "composed kernels" in stdout
+    assert float(HELD_OUT.search(stdout).group(2)) == 100.0
+    assert names and not any(name.startswith("Fused") for name in names)  # nothing but engine ops ran
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    assert checkpoint.load(path)["config"]["kernels"] == "composed"
+    reports = {}
+    for kind in ("fused", "composed"):
+        code, stdout, stderr = run_main(["--checkpoint", path, "--evaluate", "--kernels", kind])
+        assert code == 0, stderr
+        reports[kind] = EVALUATED.search(stdout).groups()
+        code, stdout, stderr = run_main(["--checkpoint", path, "--decode", "1 2 3", "--kernels", kind, "--svg", tmp_path / f"{kind}.svg"])
+        assert code == 0 and "1 2 3 -> 1 2 3  ✓" in stdout, stdout + stderr
+    assert reports["fused"] == reports["composed"] == ("100.0", "64")
+
+
+def test_a_resumed_run_may_switch_kernels(trained, tmp_path):
+    code, stdout, stderr = run_main(["--resume", trained["path"], "--kernels", "composed", "--steps", "900",
+                                     "--stop-at", str(checkpoint.load(trained["path"])["step"] + 10), "--out", tmp_path])
+    assert code == 0, stderr
+    assert "composed kernels" in stdout
+
+
+def test_an_unknown_kernels_value_is_one_line():
+    code, _, stderr = run_main(["--kernels", "fast"])
+    assert code == 2 and "--kernels" in error_line(stderr) and "fused" in error_line(stderr)

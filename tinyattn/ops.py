@@ -163,6 +163,63 @@ class MatMul(Function):
         return grad_a, grad_b
 
 
+# --- the products of layers: a linear map and a table lookup -----------------------------
+
+class Linear(Function):
+    """x @ weight.T + bias as one Function: a single 2-D GEMM over all rows of x, whatever
+    its batch shape. Its backward is written in Tensor ops, so it differentiates twice."""
+
+    def forward(self, x, weight, bias=None):
+        out = backend.matmul(x.reshape(-1, x.shape[-1]), weight.T)
+        if bias is not None:
+            out += bias
+        return out.reshape(x.shape[:-1] + (weight.shape[0],))
+
+    def backward(self, grad):
+        x, weight = self.inputs[:2]
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = (rows @ weight).reshape(x.shape) if self.needs_input_grad[0] else None
+        grad_weight = rows.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None
+        if len(self.inputs) == 2:
+            return grad_x, grad_weight
+        # The column sum as a product with a ones vector: much faster than a reduction in NumPy.
+        ones = constant(grad.xp.ones(rows.shape[0], dtype=grad.dtype))
+        return grad_x, grad_weight, ones @ rows
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias, with weight of shape (out_features, in_features) as in PyTorch."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input of shape {x.shape} has {x.shape[-1]} features, weight {weight.shape} expects {weight.shape[1]}")
+    return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
+
+
+class Embedding(Function):
+    """Rows of a table picked by integer ids. The gradient of the table is one-hot(ids)^T @ grad,
+    one GEMM, where scattering with numpy.add.at is several times slower."""
+
+    def forward(self, weight, ids):
+        self.ids = ids
+        return weight[ids]
+
+    def backward(self, grad):
+        weight = self.inputs[0]
+        one_hot = self.xp.eye(weight.shape[0], dtype=grad.dtype)[self.ids.reshape(-1)]
+        return constant(one_hot).T @ grad.reshape(-1, weight.shape[1])
+
+
+def embedding(ids, weight):
+    """Rows of `weight` picked by integer `ids` (any shape); ids outside the table are an error."""
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding ids must be integers, got dtype {ids.dtype}")
+    if ids.size:
+        low, high = int(ids.data.min()), int(ids.data.max())
+        if low < 0 or high >= weight.shape[0]:
+            bad = low if low < 0 else high
+            raise IndexError(f"token id {bad} is out of range for an embedding table of {weight.shape[0]} rows")
+    return Embedding.apply(weight, ids=ids.data)
+
+
 # --- elementwise -----------------------------------------------------------------------
 
 class Exp(Function):

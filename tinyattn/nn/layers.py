@@ -47,16 +47,18 @@ class Embedding(Module):
 
 
 class LayerNorm(Module):
-    def __init__(self, normalized_shape, eps=1e-5, device=None, dtype=backend.float32, fused=True):
+    """Normalises the last axis, then scales and shifts it (tinyattn.kernels.layer_norm)."""
+
+    def __init__(self, normalized_shape, eps=1e-5, device=None, dtype=backend.float32):
         super().__init__()
-        self.normalized_shape, self.eps, self.fused = normalized_shape, eps, fused
+        self.normalized_shape, self.eps = normalized_shape, eps
         self.weight = init.ones_(Parameter(empty_parameter_data((normalized_shape,), dtype, device)))
         self.bias = init.zeros_(Parameter(empty_parameter_data((normalized_shape,), dtype, device)))
 
     def forward(self, x):
         if x.shape[-1] != self.normalized_shape:
             raise ValueError(f"LayerNorm({self.normalized_shape}) got input of shape {x.shape}")
-        return F.layer_norm(x, self.weight, self.bias, self.eps, fused=self.fused)
+        return F.layer_norm(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}"

@@ -6,16 +6,14 @@ Every stack returns (output, weights); weights is None unless need_weights=True.
 """
 import math
 
-from .. import backend, functional as F
-from ..fused import FusedFeedForward
+from .. import backend
+from ..kernels.feed_forward import ACTIVATIONS, feed_forward
 from ..creation import default_generator, empty_parameter_data
 from ..engine import Tensor
 from .attention import MultiHeadAttention
-from .layers import GELU, Dropout, LayerNorm, Linear, ReLU
+from .layers import Dropout, LayerNorm, Linear
 from .module import Module, ModuleList, Parameter
 from . import init
-
-ACTIVATIONS = {"relu": ReLU, "gelu": GELU}
 
 
 def _check_length(offset, length, max_len):
@@ -54,110 +52,85 @@ class LearnedPositionalEncoding(Module):
 
 
 class FeedForward(Module):
-    """Position-wise two-layer network: Linear, activation, dropout, Linear.
+    """Position-wise two-layer network: Linear, activation, dropout, Linear
+    (tinyattn.kernels.feed_forward: the composed reference, or one fused Function)."""
 
-    With ReLU and fused=True (the default) the whole block is one Function with the
-    ReLU done in place (first-order gradients only); fused=False composes the layers.
-    """
-
-    def __init__(self, d_model, d_ff, dropout=0.0, activation="relu", generator=None, device=None, dtype=backend.float32,
-                 fused=True):
+    def __init__(self, d_model, d_ff, dropout=0.0, activation="relu", generator=None, device=None, dtype=backend.float32):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        self.activation = activation
         self.linear1 = Linear(d_model, d_ff, generator=generator, device=device, dtype=dtype)
-        self.activation = ACTIVATIONS[activation]()
         self.dropout = Dropout(dropout, generator)
         self.linear2 = Linear(d_ff, d_model, generator=generator, device=device, dtype=dtype)
-        self.fused = fused and activation == "relu"
 
-    def forward(self, x, residual=None, norm=None):
-        """residual: a tensor shaped like x to add to the output; norm: a LayerNorm to apply
-        to x first. The fused block adds a residual that is x in place and folds the norm's
-        scale and shift into linear1."""
-        fold = self.fused and norm is not None and norm.fused
-        x_in = x if norm is None or fold else norm(x)
-        if not self.fused:
-            out = self.linear2(self.dropout(self.activation(self.linear1(x_in))))
-            return out if residual is None else residual + out
-        active = self.dropout.training and self.dropout.p > 0
-        hidden_shape = x.shape[:-1] + (self.linear1.out_features,)
-        keep_scale = F.dropout_mask(hidden_shape, self.dropout.p, self.dropout.generator, x).data if active else None
-        weights = [self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias]
-        add_input = residual is not None and residual is x_in
-        out = FusedFeedForward.apply(x_in, *weights, *([norm.weight, norm.bias] if fold else []),
-                                     norm_eps=norm.eps if fold else None, add_input=add_input, keep_scale=keep_scale)
-        return out if residual is None or add_input else residual + out
+    def forward(self, x):
+        dropout_p = self.dropout.p if self.dropout.training else 0.0
+        return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                            self.activation, dropout_p, self.dropout.generator)
+
+    def extra_repr(self):
+        return f"activation={self.activation}"
 
 
 class EncoderLayer(Module):
-    """x + SelfAttention(LN(x)), then + FeedForward(LN(...))."""
+    """Pre-LN: x = x + self_attn(norm1(x)), then x = x + feed_forward(norm2(x))."""
 
-    def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="relu", generator=None, fused=True,
-                 device=None, dtype=backend.float32):
+    def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="relu", generator=None, device=None,
+                 dtype=backend.float32):
         super().__init__()
         generator = generator or default_generator()
         make = dict(generator=generator, device=device, dtype=dtype)
-        self.norm1 = LayerNorm(d_model, device=device, dtype=dtype, fused=fused)
-        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, fused=fused, **make)
-        self.norm2 = LayerNorm(d_model, device=device, dtype=dtype, fused=fused)
-        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, fused=fused, **make)
+        self.norm1 = LayerNorm(d_model, device=device, dtype=dtype)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, **make)
+        self.norm2 = LayerNorm(d_model, device=device, dtype=dtype)
+        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, **make)
         self.dropout = Dropout(dropout, generator)
-
-    def _dropout_active(self):
-        return self.training and self.dropout.p > 0
-
-    def _add(self, x, sublayer_out):
-        """The residual connection, for when the sublayer could not add x itself (dropout comes first)."""
-        return x + self.dropout(sublayer_out)
 
     def forward(self, x, mask=None, need_weights=False, causal=False, cache=None):
         """causal=True makes it a decoder-only (GPT) block; cache: a dict for step-by-step decoding."""
-        fold = not self._dropout_active()  # without dropout, each sublayer adds the residual itself
-        attended, weights = self.self_attn(x, mask=mask, causal=causal, need_weights=need_weights, cache=cache,
-                                           residual=x if fold else None, norm=self.norm1)
-        x = attended if fold else self._add(x, attended)
-        out = self.feed_forward(x, residual=x if fold else None, norm=self.norm2)
-        return (out if fold else self._add(x, out)), weights
+        attended, weights = self.self_attn(self.norm1(x), mask=mask, causal=causal, need_weights=need_weights, cache=cache)
+        x = x + self.dropout(attended)
+        x = x + self.dropout(self.feed_forward(self.norm2(x)))
+        return x, weights
 
 
 class DecoderLayer(EncoderLayer):
-    """An EncoderLayer whose self-attention is causal, with cross-attention to `memory` between
-    self-attention and the feed-forward block. Cross-attention is where each output position
-    looks back at every input position.
+    """Pre-LN, with cross-attention to `memory` between self-attention and the feed-forward block:
+    x = x + self_attn(norm1(x)), x = x + cross_attn(cross_norm(x), memory), x = x + feed_forward(norm2(x)).
+    Cross-attention is where each output position looks back at every input position.
     """
 
-    def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="relu", generator=None, fused=True,
-                 device=None, dtype=backend.float32):
-        super().__init__(d_model, n_heads, d_ff, dropout, activation, generator, fused, device, dtype)
-        self.cross_norm = LayerNorm(d_model, device=device, dtype=dtype, fused=fused)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, fused=fused,
-                                             generator=self.self_attn.generator, device=device, dtype=dtype)
+    def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="relu", generator=None, device=None,
+                 dtype=backend.float32):
+        super().__init__(d_model, n_heads, d_ff, dropout, activation, generator, device, dtype)
+        self.cross_norm = LayerNorm(d_model, device=device, dtype=dtype)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, generator=self.self_attn.generator,
+                                             device=device, dtype=dtype)
 
     def forward(self, x, memory, self_mask=None, memory_mask=None, need_weights=False, cache=None):
         """cache: {'self': {}, 'cross': {}} to decode one step at a time (see MultiHeadAttention)."""
         self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
-        fold = not self._dropout_active()
-        attended, self_weights = self.self_attn(x, mask=self_mask, causal=True, need_weights=need_weights,
-                                                cache=self_cache, residual=x if fold else None, norm=self.norm1)
-        x = attended if fold else self._add(x, attended)
-        attended, cross_weights = self.cross_attn(x, context=memory, mask=memory_mask, need_weights=need_weights,
-                                                  cache=cross_cache, residual=x if fold else None, norm=self.cross_norm)
-        x = attended if fold else self._add(x, attended)
-        out = self.feed_forward(x, residual=x if fold else None, norm=self.norm2)
-        return (out if fold else self._add(x, out)), ({"self": self_weights, "cross": cross_weights} if need_weights else None)
+        attended, self_weights = self.self_attn(self.norm1(x), mask=self_mask, causal=True, need_weights=need_weights,
+                                                cache=self_cache)
+        x = x + self.dropout(attended)
+        attended, cross_weights = self.cross_attn(self.cross_norm(x), context=memory, mask=memory_mask,
+                                                  need_weights=need_weights, cache=cross_cache)
+        x = x + self.dropout(attended)
+        x = x + self.dropout(self.feed_forward(self.norm2(x)))
+        return x, ({"self": self_weights, "cross": cross_weights} if need_weights else None)
 
 
 class _Stack(Module):
     def __init__(self, layer_class, num_layers, d_model, n_heads, d_ff, dropout=0.0, activation="relu",
-                 generator=None, fused=True, device=None, dtype=backend.float32):
+                 generator=None, device=None, dtype=backend.float32):
         super().__init__()
         if num_layers <= 0:
             raise ValueError(f"num_layers must be positive, got {num_layers}")
         generator = generator or default_generator()
-        self.layers = ModuleList(layer_class(d_model, n_heads, d_ff, dropout, activation, generator, fused, device, dtype)
+        self.layers = ModuleList(layer_class(d_model, n_heads, d_ff, dropout, activation, generator, device, dtype)
                                  for _ in range(num_layers))
-        self.norm = LayerNorm(d_model, device=device, dtype=dtype, fused=fused)
+        self.norm = LayerNorm(d_model, device=device, dtype=dtype)
 
 
 class Encoder(_Stack):

@@ -1,0 +1,116 @@
+"""The position-wise feed-forward block: Linear, activation (ReLU or GELU), dropout, Linear.
+
+    feed_forward_composed  from engine ops (the reference)
+    FusedFeedForward       one Function, the activation done in place
+    feed_forward           picks one of them by the kernels switch
+
+When x is a LayerNorm's deferred output (kernels.layer_norm), the fused block normalises
+x's rows itself and folds the norm's scale and shift into the first projection.
+"""
+from ..backend import matmul
+from ..engine import Function
+from ..ops import GELU_CUBIC, GELU_SCALE, constant, linear
+from . import fused_selected, rows
+from .dropout import dropout_mask
+from .layer_norm import DeferredLayerNorm
+
+ACTIVATIONS = ("relu", "gelu")
+
+
+def feed_forward_composed(x, weight1, bias1, weight2, bias2, activation="relu", keep_scale=None):
+    hidden = linear(x, weight1, bias1)
+    hidden = hidden.relu() if activation == "relu" else hidden.gelu()
+    if keep_scale is not None:
+        hidden = hidden * constant(keep_scale)
+    return linear(hidden, weight2, bias2)
+
+
+def _gelu_in_place(xp, pre):
+    """GELU (tanh form, as ops.GELU) of `pre`, in place; returns its slope at `pre` for backward."""
+    inner = pre * pre
+    inner *= GELU_CUBIC
+    inner += 1.0
+    inner *= pre
+    inner *= GELU_SCALE
+    t = xp.tanh(inner, out=inner)
+    slope = 1.0 - t * t
+    slope *= pre
+    slope *= (1.0 + 3.0 * GELU_CUBIC * pre * pre) * GELU_SCALE
+    slope += 1.0 + t
+    slope *= 0.5
+    t += 1.0
+    t *= 0.5
+    pre *= t
+    return slope
+
+
+class FusedFeedForward(Function):
+    """[LayerNorm,] Linear, activation, (dropout,) Linear as one Function (reference:
+    feed_forward_composed). With norm_eps, x is the input of a LayerNorm with weight
+    norm_weight and bias norm_bias, folded into weight1 and bias1 (rows.fold_norm).
+    keep_scale is the dropout keep-mask or None; biases may be None."""
+
+    def forward(self, x, weight1, bias1, weight2, bias2, norm_weight, norm_bias, *, activation, norm_eps, keep_scale):
+        xp = self.xp
+        x2 = x.reshape(-1, x.shape[-1])
+        self.norm, self.has_bias = norm_eps is not None, (bias1 is not None, bias2 is not None)
+        if self.norm:
+            rows_in, self.inverse_std = rows.normalize_rows(xp, x2, norm_eps)
+            bias1 = bias1 if bias1 is not None else xp.zeros(weight1.shape[0], dtype=x.dtype)
+            weight1_used, bias1 = rows.fold_norm(weight1, bias1, norm_weight, norm_bias)
+            self.norm_weight, self.norm_bias = norm_weight, norm_bias
+        else:
+            rows_in, weight1_used = x2, weight1
+        hidden = matmul(rows_in, weight1_used.T)
+        if bias1 is not None:
+            hidden += bias1
+        if activation == "relu":
+            xp.maximum(hidden, 0, out=hidden)
+            # The ReLU's mask, kept as bools: multiplying by it in backward is half the cost of remaking it there.
+            self.slope = hidden > 0
+        else:
+            self.slope = _gelu_in_place(xp, hidden)
+        dropped = hidden * keep_scale.reshape(hidden.shape) if keep_scale is not None else hidden
+        out = matmul(dropped, weight2.T)
+        if bias2 is not None:
+            out += bias2
+        self.x_shape, self.weight1, self.weight1_used, self.weight2 = x.shape, weight1, weight1_used, weight2
+        self.rows_in, self.dropped, self.keep_scale = rows_in, dropped, keep_scale
+        return out.reshape(x.shape[:-1] + (weight2.shape[0],))
+
+    def backward(self, grad):
+        rows.refuse_create_graph("fused feed-forward")
+        xp = self.xp
+        g2 = grad.data.reshape(-1, grad.shape[-1])
+        grad_weight2, grad_bias2 = matmul(g2.T, self.dropped), rows.column_sum(xp, g2)
+        grad_hidden = matmul(g2, self.weight2)
+        if self.keep_scale is not None:
+            grad_hidden *= self.keep_scale.reshape(grad_hidden.shape)
+        grad_hidden *= self.slope  # the activation's derivative (for ReLU: gradient only where its input was positive)
+        grad_weight1, grad_bias1 = matmul(grad_hidden.T, self.rows_in), rows.column_sum(xp, grad_hidden)
+        grad_x = matmul(grad_hidden, self.weight1_used)
+        grad_norm_weight = grad_norm_bias = None
+        if self.norm:
+            grad_weight1, grad_bias1, grad_norm_weight, grad_norm_bias = rows.unfold_norm_grads(
+                self.weight1, self.norm_weight, self.norm_bias, grad_weight1, grad_bias1)
+            grad_x = rows.normalize_rows_backward(xp, grad_x, self.rows_in, self.inverse_std)
+        grads = (grad_x.reshape(self.x_shape), grad_weight1, grad_bias1 if self.has_bias[0] else None, grad_weight2,
+                 grad_bias2 if self.has_bias[1] else None, grad_norm_weight, grad_norm_bias)
+        return tuple(None if g is None else constant(g) for g in grads)
+
+
+def feed_forward(x, weight1, bias1, weight2, bias2, activation="relu", dropout_p=0.0, generator=None):
+    """linear2(dropout(activation(linear1(x)))), weights (out, in) as in PyTorch's Linear.
+    Runs FusedFeedForward or feed_forward_composed by the kernels switch."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    if x.shape[-1] != weight1.shape[1]:
+        raise ValueError(f"feed-forward: input of shape {x.shape} has {x.shape[-1]} features, weight1 {weight1.shape} expects {weight1.shape[1]}")
+    hidden_shape = x.shape[:-1] + (weight1.shape[0],)
+    keep_scale = dropout_mask(hidden_shape, dropout_p, generator, x).data if dropout_p else None
+    if not fused_selected():
+        return feed_forward_composed(x, weight1, bias1, weight2, bias2, activation, keep_scale)
+    norm = x.deferred_norm() if isinstance(x, DeferredLayerNorm) else None
+    x, norm_weight, norm_bias, norm_eps = norm if norm is not None else (x, None, None, None)
+    return FusedFeedForward.apply(x, weight1, bias1, weight2, bias2, norm_weight, norm_bias, activation=activation,
+                                  norm_eps=norm_eps, keep_scale=keep_scale)

@@ -1,0 +1,110 @@
+"""Layer normalisation over the last axis: (x - mean) / sqrt(var + eps) * weight + bias.
+
+    layer_norm_composed  from engine ops (the reference)
+    FusedLayerNorm       one Function; every row statistic a matrix-vector product
+    layer_norm           picks one of them by the kernels switch
+
+On the fused path layer_norm returns a DeferredLayerNorm: the norm's output, computed
+only when something reads it. The fused attention and feed-forward blocks, which in a
+pre-LN transformer are the only readers, take the norm's input instead and fold its scale
+and shift into their first projection (rows.fold_norm), so a layer that reads as its
+formula, x + attn(norm(x)), still skips writing the normalised activations.
+"""
+from .. import backend
+from ..engine import Function, Tensor, is_grad_enabled, set_grad_enabled
+from ..ops import constant
+from . import fused_selected, rows
+
+
+def layer_norm_composed(x, weight=None, bias=None, eps=1e-5):
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    variance = (centered * centered).mean(axis=-1, keepdims=True)
+    normalized = centered / (variance + eps).sqrt()
+    if weight is not None:
+        normalized = normalized * weight
+    if bias is not None:
+        normalized = normalized + bias
+    return normalized
+
+
+class FusedLayerNorm(Function):
+    """Layer norm as one Function (reference: layer_norm_composed); weight and bias may be None.
+
+    The backward takes the row sums of g*w and g*w*n as GEMVs with w, so that it makes
+    only a few full-size passes over the data.
+    """
+
+    def forward(self, x, weight, bias, *, eps):
+        self.normalized, self.inverse_std = rows.normalize_rows(self.xp, x.reshape(-1, x.shape[-1]), eps)
+        self.weight, self.has_bias = weight, bias is not None
+        out = self.normalized * weight if weight is not None else self.normalized.copy()
+        if bias is not None:
+            out += bias
+        return out.reshape(x.shape)
+
+    def backward(self, grad):
+        rows.refuse_create_graph("fused layer norm")
+        xp = self.xp
+        g = grad.data.reshape(self.normalized.shape)
+        g_times_n = g * self.normalized
+        grad_weight = rows.column_sum(xp, g_times_n) if self.weight is not None else None
+        grad_bias = rows.column_sum(xp, g) if self.has_bias else None
+        # Without a weight the rule overwrites its gradient argument, which may be shared: give it a copy.
+        grad_x = rows.normalize_rows_backward(xp, g if self.weight is not None else g.copy(), self.normalized,
+                                              self.inverse_std, self.weight, g_times_n)
+        return (constant(grad_x.reshape(grad.shape)), None if grad_weight is None else constant(grad_weight),
+                None if grad_bias is None else constant(grad_bias))
+
+
+class DeferredLayerNorm(Tensor):
+    """The output of a fused layer norm, computed (by FusedLayerNorm, once) when first read.
+
+    Its shape, dtype, device and array module are known at once. A fused block that reads it through
+    deferred_norm() gets the norm's input and parameters instead and folds the norm into
+    its own projection; every other reader (an op, .numpy(), printing) reads `.data`,
+    which computes it, recorded in the graph as gradients were when the norm was called.
+    """
+
+    __slots__ = ("_source", "_weight", "_bias", "_eps", "_recorded", "_computed")
+
+    def __init__(self, x, weight, bias, eps):
+        self._source, self._weight, self._bias, self._eps = x, weight, bias, eps
+        self._recorded = is_grad_enabled()
+        self._computed = None
+        self.grad, self._output_index, self._retains_grad = None, 0, False
+        self.requires_grad = self._recorded and any(t is not None and t.requires_grad for t in (x, weight, bias))
+
+    def _compute(self):
+        if self._computed is None:
+            with set_grad_enabled(self._recorded):
+                self._computed = FusedLayerNorm.apply(self._source, self._weight, self._bias, eps=self._eps)
+        return self._computed
+
+    data = property(lambda self: self._compute().data)
+    _ctx = property(lambda self: self._compute()._ctx)
+    shape = property(lambda self: self._source.shape)
+    ndim = property(lambda self: self._source.ndim)
+    size = property(lambda self: self._source.size)
+    dtype = property(lambda self: self._source.dtype)
+    device = property(lambda self: self._source.device)
+    xp = property(lambda self: self._source.xp)
+
+    def deferred_norm(self):
+        """(input, weight, bias, eps) for a block to fold, or None once computed (or without scale and shift)."""
+        if self._computed is not None or self._weight is None or self._bias is None:
+            return None
+        return self._source, self._weight, self._bias, self._eps
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """Normalise the last axis to zero mean and unit variance, then scale by weight and shift by bias.
+    Runs FusedLayerNorm (deferred: see DeferredLayerNorm) or layer_norm_composed by the kernels switch."""
+    for name, parameter in (("weight", weight), ("bias", bias)):
+        if parameter is not None and parameter.shape != x.shape[-1:]:
+            raise ValueError(f"layer_norm: {name} of shape {parameter.shape} does not fit input of shape {x.shape}")
+    if not backend.is_floating(x.dtype):
+        raise TypeError(f"layer_norm needs a floating-point input, got dtype {x.dtype}")
+    if fused_selected():
+        return DeferredLayerNorm(x, weight, bias, eps)
+    return layer_norm_composed(x, weight, bias, eps)
