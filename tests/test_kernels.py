@@ -382,3 +382,22 @@ def test_every_pre_ln_norm_is_folded_in_a_training_step(model):
     finally:
         handle.remove()
     assert len(calls) == (2 if model == "transformer" else 1)
+
+
+@pytest.mark.parametrize("sublayer", ["feed-forward", "self-attention"])
+def test_a_residual_added_to_a_fused_block_is_added_inside_it(sublayer):
+    norm = random_parameters(nn.LayerNorm(8, dtype=ta.float64))
+    if sublayer == "feed-forward":
+        block = random_parameters(nn.FeedForward(8, 12, generator=ta.Generator(2), dtype=ta.float64))
+        output = lambda x: block(norm(x))  # noqa: E731
+    else:
+        block = random_parameters(nn.MultiHeadAttention(8, 2, generator=ta.Generator(2), dtype=ta.float64))
+        output = lambda x: block(norm(x))[0]  # noqa: E731
+    x = randn(2, 4, 8)
+    alone = output(x)
+    total = x + alone
+    assert type(total.grad_fn).__name__.startswith("Fused")  # one Function: no separate Add
+    assert alone.pending  # the block's output alone was never computed ...
+    np.testing.assert_allclose(alone.numpy() + x.numpy(), total.numpy(), rtol=1e-12)  # ... until read, and then it is
+    assert_paths_agree(lambda x, *ps: x + output(x), [x, *norm.parameters(), *block.parameters()], [(2, 4, 8)])
+    assert_paths_agree(lambda x, y, *ps: output(x) + y, [x, randn(2, 4, 8), *block.parameters()], [(2, 4, 8)])

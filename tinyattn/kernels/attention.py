@@ -21,6 +21,7 @@ from ..engine import Function, Tensor, is_grad_enabled
 from ..ops import concatenate, constant, linear, where
 from . import composed_instead, fused_selected, rows
 from .dropout import dropout_mask
+from .deferred import DeferredBlockOutput
 from .layer_norm import DeferredLayerNorm
 from .softmax import softmax
 
@@ -222,12 +223,13 @@ class FusedMultiHeadAttention(Function):
     normalised here and the norm's scale and shift folded into the projection of x
     (rows.fold_norm), so the norm's output is never written. Heads are strided views of the
     projection's columns, and the products that make the output and the q, k, v gradients
-    write straight into the stacked layouts the next GEMMs read. A cache (see
-    multi_head_attention_composed) is for decoding, under no_grad.
+    write straight into the stacked layouts the next GEMMs read. A residual (shaped like x)
+    is added to the output in place. A cache (see multi_head_attention_composed) is for
+    decoding, under no_grad.
     """
 
     def forward(self, x, context, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
-                norm_weight, norm_bias, *, heads, norm_eps, allowed, keep_scale, cache):
+                norm_weight, norm_bias, residual, *, heads, norm_eps, allowed, keep_scale, cache):
         xp = self.xp
         self.cross, self.norm = context is not None, norm_eps is not None
         batch, length, d_model = x.shape
@@ -277,6 +279,9 @@ class FusedMultiHeadAttention(Function):
         y = matmul(merged, out_weight.T)
         if out_bias is not None:
             y += out_bias
+        if residual is not None:
+            y += residual.reshape(y.shape)
+        self.residual = None if residual is None else ("x" if residual is x else residual.shape)
         self.saved = (rows_in, c2, q_scaled, k, v, weights, attended, merged, keep_scale, out_weight)
         self.has_bias = tuple(b is not None for b in (q_bias, k_bias, v_bias, out_bias))
         return y.reshape(batch, length, d_model), weights
@@ -307,6 +312,11 @@ class FusedMultiHeadAttention(Function):
             grad_w_x, grad_b_x, grad_norm_weight, grad_norm_bias = rows.unfold_norm_grads(
                 self.w_x, self.norm_weight, self.norm_bias, grad_w_x, grad_b_x)
             grad_rows = rows.normalize_rows_backward(xp, grad_rows, rows_in, self.inverse_std)
+        grad_residual = None
+        if self.residual == "x":  # x is also the residual (a pre-LN sublayer): one gradient, summed in place
+            grad_rows += g2
+        elif self.residual is not None:
+            grad_residual = g2.reshape(self.residual)
         grad_context = None
         if self.cross:
             grad_context = matmul(grad_kv, self.w_kv).reshape(batch, source_length, d_model)
@@ -318,7 +328,7 @@ class FusedMultiHeadAttention(Function):
         grad_biases = [grad_b_in[part] if has else None for part, has in zip(parts, self.has_bias)]
         grads = (grad_rows.reshape(batch, length, d_model), grad_context,
                  grad_w_in[parts[0]], grad_biases[0], grad_w_in[parts[1]], grad_biases[1], grad_w_in[parts[2]], grad_biases[2],
-                 grad_out_weight, grad_out_bias if self.has_bias[3] else None, grad_norm_weight, grad_norm_bias)
+                 grad_out_weight, grad_out_bias if self.has_bias[3] else None, grad_norm_weight, grad_norm_bias, grad_residual)
         return tuple(None if g is None else constant(g) for g in grads)
 
 
@@ -327,13 +337,15 @@ def _records_gradients(*tensors):
 
 
 def multi_head_attention(x, projections, heads, context=None, mask=None, causal=False, dropout_p=0.0, generator=None,
-                         cache=None):
+                         cache=None, need_weights=False):
     """Multi-head attention of x (B, T, d) over context (B, S, d), or over itself when context
-    is None. Returns (output (B, T, d), weights (B, heads, T, S)); the weights carry gradient.
+    is None. Returns (output (B, T, d), weights (B, heads, T, S) or None); the weights carry gradient.
 
     Runs FusedMultiHeadAttention or multi_head_attention_composed by the kernels switch. A
     cache while gradients are recorded takes the composed reference (said once). When x is
-    a LayerNorm's deferred output (kernels.layer_norm), the fused block folds that norm.
+    a LayerNorm's deferred output (kernels.layer_norm), the fused block folds that norm;
+    without a cache or weights asked for, its output is deferred (kernels.deferred), so a
+    residual added to it is added inside the block.
     """
     d_model = projections.q_weight.shape[0]
     if x.ndim != 3 or x.shape[-1] != d_model:
@@ -353,11 +365,17 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
         composed_instead("multi-head attention", "a key/value cache while gradients are recorded")
         fused = False
     if not fused:
-        return multi_head_attention_composed(x, projections, heads, context, allowed, keep_scale, cache)
+        out, weights = multi_head_attention_composed(x, projections, heads, context, allowed, keep_scale, cache)
+        return out, (weights if need_weights else None)
     norm = x.deferred_norm() if isinstance(x, DeferredLayerNorm) else None
-    if norm is not None:
-        x, norm_weight, norm_bias, norm_eps = norm
-    else:
-        norm_weight = norm_bias = norm_eps = None
-    return FusedMultiHeadAttention.apply(x, context, *projections, norm_weight, norm_bias, heads=heads, norm_eps=norm_eps,
-                                         allowed=allowed, keep_scale=keep_scale, cache=cache)
+    x, norm_weight, norm_bias, norm_eps = norm if norm is not None else (x, None, None, None)
+
+    def run(residual):
+        return FusedMultiHeadAttention.apply(x, context, *projections, norm_weight, norm_bias, residual, heads=heads,
+                                             norm_eps=norm_eps, allowed=allowed, keep_scale=keep_scale, cache=cache)
+
+    if cache is not None or need_weights:  # a cache is filled, and weights are read, at once
+        return run(None)
+    deferred = DeferredBlockOutput(lambda residual: run(residual)[0], x, x.shape,
+                                   _records_gradients(x, context, *projections, norm_weight, norm_bias))
+    return deferred, None

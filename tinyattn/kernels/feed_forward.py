@@ -5,13 +5,15 @@
     feed_forward           picks one of them by the kernels switch
 
 When x is a LayerNorm's deferred output (kernels.layer_norm), the fused block normalises
-x's rows itself and folds the norm's scale and shift into the first projection.
+x's rows itself and folds the norm's scale and shift into the first projection; its own
+output is deferred (kernels.deferred), so a residual added to it is added inside the block.
 """
 from ..backend import matmul
 from ..engine import Function
 from ..ops import GELU_CUBIC, GELU_SCALE, constant, linear
 from . import fused_selected, rows
 from .dropout import dropout_mask
+from .deferred import DeferredBlockOutput
 from .layer_norm import DeferredLayerNorm
 
 ACTIVATIONS = ("relu", "gelu")
@@ -48,9 +50,11 @@ class FusedFeedForward(Function):
     """[LayerNorm,] Linear, activation, (dropout,) Linear as one Function (reference:
     feed_forward_composed). With norm_eps, x is the input of a LayerNorm with weight
     norm_weight and bias norm_bias, folded into weight1 and bias1 (rows.fold_norm).
-    keep_scale is the dropout keep-mask or None; biases may be None."""
+    keep_scale is the dropout keep-mask or None; biases may be None. A residual (shaped like
+    the output) is added to the output in place."""
 
-    def forward(self, x, weight1, bias1, weight2, bias2, norm_weight, norm_bias, *, activation, norm_eps, keep_scale):
+    def forward(self, x, weight1, bias1, weight2, bias2, norm_weight, norm_bias, residual, *, activation, norm_eps,
+                keep_scale):
         xp = self.xp
         x2 = x.reshape(-1, x.shape[-1])
         self.norm, self.has_bias = norm_eps is not None, (bias1 is not None, bias2 is not None)
@@ -74,6 +78,9 @@ class FusedFeedForward(Function):
         out = matmul(dropped, weight2.T)
         if bias2 is not None:
             out += bias2
+        if residual is not None:
+            out += residual.reshape(out.shape)
+        self.residual = None if residual is None else ("x" if residual is x else residual.shape)
         self.x_shape, self.weight1, self.weight1_used, self.weight2 = x.shape, weight1, weight1_used, weight2
         self.rows_in, self.dropped, self.keep_scale = rows_in, dropped, keep_scale
         return out.reshape(x.shape[:-1] + (weight2.shape[0],))
@@ -94,8 +101,13 @@ class FusedFeedForward(Function):
             grad_weight1, grad_bias1, grad_norm_weight, grad_norm_bias = rows.unfold_norm_grads(
                 self.weight1, self.norm_weight, self.norm_bias, grad_weight1, grad_bias1)
             grad_x = rows.normalize_rows_backward(xp, grad_x, self.rows_in, self.inverse_std)
+        grad_residual = None
+        if self.residual == "x":  # x is also the residual (a pre-LN sublayer): one gradient, summed in place
+            grad_x += g2
+        elif self.residual is not None:
+            grad_residual = grad.data
         grads = (grad_x.reshape(self.x_shape), grad_weight1, grad_bias1 if self.has_bias[0] else None, grad_weight2,
-                 grad_bias2 if self.has_bias[1] else None, grad_norm_weight, grad_norm_bias)
+                 grad_bias2 if self.has_bias[1] else None, grad_norm_weight, grad_norm_bias, grad_residual)
         return tuple(None if g is None else constant(g) for g in grads)
 
 
@@ -112,5 +124,11 @@ def feed_forward(x, weight1, bias1, weight2, bias2, activation="relu", dropout_p
         return feed_forward_composed(x, weight1, bias1, weight2, bias2, activation, keep_scale)
     norm = x.deferred_norm() if isinstance(x, DeferredLayerNorm) else None
     x, norm_weight, norm_bias, norm_eps = norm if norm is not None else (x, None, None, None)
-    return FusedFeedForward.apply(x, weight1, bias1, weight2, bias2, norm_weight, norm_bias, activation=activation,
-                                  norm_eps=norm_eps, keep_scale=keep_scale)
+
+    def run(residual):
+        return FusedFeedForward.apply(x, weight1, bias1, weight2, bias2, norm_weight, norm_bias, residual,
+                                      activation=activation, norm_eps=norm_eps, keep_scale=keep_scale)
+
+    parameters = (x, weight1, bias1, weight2, bias2, norm_weight, norm_bias)
+    return DeferredBlockOutput(run, x, x.shape[:-1] + (weight2.shape[0],),
+                               any(t is not None and t.requires_grad for t in parameters))

@@ -4,16 +4,17 @@
     FusedLayerNorm       one Function; every row statistic a matrix-vector product
     layer_norm           picks one of them by the kernels switch
 
-On the fused path layer_norm returns a DeferredLayerNorm: the norm's output, computed
-only when something reads it. The fused attention and feed-forward blocks, which in a
-pre-LN transformer are the only readers, take the norm's input instead and fold its scale
-and shift into their first projection (rows.fold_norm), so a layer that reads as its
-formula, x + attn(norm(x)), still skips writing the normalised activations.
+On the fused path layer_norm returns a DeferredLayerNorm (kernels.deferred): the norm's
+output, computed only when something reads it. The fused attention and feed-forward
+blocks, which in a pre-LN transformer are the only readers, take the norm's input instead
+and fold its scale and shift into their first projection (rows.fold_norm), so a layer
+that reads as its formula, x + attn(norm(x)), still skips writing the normalised activations.
 """
 from .. import backend
-from ..engine import Function, Tensor, is_grad_enabled, set_grad_enabled
+from ..engine import Function
 from ..ops import constant
 from . import fused_selected, rows
+from .deferred import Deferred
 
 
 def layer_norm_composed(x, weight=None, bias=None, eps=1e-5):
@@ -57,44 +58,25 @@ class FusedLayerNorm(Function):
                 None if grad_bias is None else constant(grad_bias))
 
 
-class DeferredLayerNorm(Tensor):
-    """The output of a fused layer norm, computed (by FusedLayerNorm, once) when first read.
+class DeferredLayerNorm(Deferred):
+    """The output of a fused layer norm, computed (by FusedLayerNorm, once) when first read
+    (see kernels.deferred). A fused block that reads it through deferred_norm() gets the
+    norm's input and parameters instead and folds the norm into its own projection."""
 
-    Its shape, dtype, device and array module are known at once. A fused block that reads it through
-    deferred_norm() gets the norm's input and parameters instead and folds the norm into
-    its own projection; every other reader (an op, .numpy(), printing) reads `.data`,
-    which computes it, recorded in the graph as gradients were when the norm was called.
-    """
-
-    __slots__ = ("_source", "_weight", "_bias", "_eps", "_recorded", "_computed")
+    __slots__ = ("_weight", "_bias", "_eps")
 
     def __init__(self, x, weight, bias, eps):
-        self._source, self._weight, self._bias, self._eps = x, weight, bias, eps
-        self._recorded = is_grad_enabled()
-        self._computed = None
-        self.grad, self._output_index, self._retains_grad = None, 0, False
-        self.requires_grad = self._recorded and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        super().__init__(x, x.shape, any(t is not None and t.requires_grad for t in (x, weight, bias)))
+        self._weight, self._bias, self._eps = weight, bias, eps
 
-    def _compute(self):
-        if self._computed is None:
-            with set_grad_enabled(self._recorded):
-                self._computed = FusedLayerNorm.apply(self._source, self._weight, self._bias, eps=self._eps)
-        return self._computed
-
-    data = property(lambda self: self._compute().data)
-    _ctx = property(lambda self: self._compute()._ctx)
-    shape = property(lambda self: self._source.shape)
-    ndim = property(lambda self: self._source.ndim)
-    size = property(lambda self: self._source.size)
-    dtype = property(lambda self: self._source.dtype)
-    device = property(lambda self: self._source.device)
-    xp = property(lambda self: self._source.xp)
+    def _make(self):
+        return FusedLayerNorm.apply(self._like, self._weight, self._bias, eps=self._eps)
 
     def deferred_norm(self):
         """(input, weight, bias, eps) for a block to fold, or None once computed (or without scale and shift)."""
-        if self._computed is not None or self._weight is None or self._bias is None:
+        if not self.pending or self._weight is None or self._bias is None:
             return None
-        return self._source, self._weight, self._bias, self._eps
+        return self._like, self._weight, self._bias, self._eps
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):

@@ -41,10 +41,9 @@ class MultiHeadAttention(Module):
 
     def forward(self, x, context=None, mask=None, causal=False, need_weights=False, cache=None):
         projections = AttentionProjections.of(self.q_proj, self.k_proj, self.v_proj, self.out_proj)
-        out, weights = multi_head_attention(x, projections, self.n_heads, context=context, mask=mask, causal=causal,
-                                            dropout_p=self.dropout if self.training else 0.0, generator=self.generator,
-                                            cache=cache)
-        return out, (weights if need_weights else None)
+        return multi_head_attention(x, projections, self.n_heads, context=context, mask=mask, causal=causal,
+                                    dropout_p=self.dropout if self.training else 0.0, generator=self.generator,
+                                    cache=cache, need_weights=need_weights)
 
     def extra_repr(self):
         return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
