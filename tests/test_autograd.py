@@ -313,10 +313,8 @@ def test_op_hooks_see_every_forward_and_backward_until_removed():
 
     x = ta.tensor([1.0, 2.0], requires_grad=True)
     handle = engine.add_op_hook(hook)
-    try:
-        (x * 3.0).sum().backward()
-    finally:
-        handle.remove()
+    (x * 3.0).sum().backward()
+    handle.remove()
     assert seen[:2] == [("forward", "Mul"), ("forward", "Sum")]
     # backward rules run ops of their own (Sum's broadcasts its gradient), which hooks see too
     assert [entry for entry in seen if entry[0] == "backward"] == [("backward", "Sum"), ("backward", "Mul")]

@@ -14,7 +14,7 @@ import pytest
 import tinyattn as ta
 from models import Config, build_model
 from models.training import forward_backward
-from tinyattn import engine, kernels, nn
+from tinyattn import kernels, nn
 from tinyattn import functional as F
 from tinyattn.kernels.layer_norm import DeferredLayerNorm
 from tinyattn.parallel import ShardedBackward
@@ -126,7 +126,7 @@ def test_feed_forward_without_biases_takes_the_fused_path():
 
 
 @pytest.mark.parametrize("sublayer", ["feed-forward", "self-attention", "cross-attention"])
-def test_a_block_after_a_layer_norm_folds_the_norm_and_equals_norm_then_block(sublayer):
+def test_a_block_after_a_layer_norm_folds_the_norm_and_equals_norm_then_block(sublayer, function_calls):
     """The module reads block(norm(x)); the fused block takes x and the norm's parameters instead."""
     norm = random_parameters(nn.LayerNorm(8, dtype=ta.float64))
     if sublayer == "feed-forward":
@@ -136,7 +136,7 @@ def test_a_block_after_a_layer_norm_folds_the_norm_and_equals_norm_then_block(su
         block = random_parameters(nn.MultiHeadAttention(8, 2, generator=ta.Generator(2), dtype=ta.float64))
         run = lambda x, context, *params: block(norm(x), context=context if sublayer == "cross-attention" else None)[0]  # noqa: E731
     x, context = randn(2, 4, 8), randn(2, 5, 8)
-    names = record_function_names(lambda: run(x, context).sum().backward())
+    names = {name for _, name in function_calls(lambda: run(x, context).sum().backward())}
     assert "FusedLayerNorm" not in names  # folded: the norm's output was never computed on its own
     assert_paths_agree(run, [x, context, *norm.parameters(), *block.parameters()], [(2, 4, 8)])
     assert ta.gradcheck(run, [x, context, *norm.parameters(), *block.parameters()], fast=True)
@@ -263,22 +263,6 @@ def test_fused_kernels_refuse_create_graph_and_say_to_switch(name, fn):
 
 # --- the switch ------------------------------------------------------------------------------------
 
-def record_function_names(work):
-    """The class names of every Function run (forward and backward) while `work()` runs."""
-    names = set()
-
-    def hook(phase, name, run):
-        names.add(name)
-        return run()
-
-    handle = engine.add_op_hook(hook)
-    try:
-        work()
-    finally:
-        handle.remove()
-    return names
-
-
 # The Functions each model's kernels are made of, on the fused path; the composed path runs none of them.
 FUSED_FUNCTIONS = {
     "transformer": {"FusedMultiHeadAttention", "FusedFeedForward", "FusedLayerNorm", "FusedCrossEntropyRows"},
@@ -291,7 +275,7 @@ COMPOSED_ONLY = {"Softmax", "LogSoftmax", "Sqrt", "Sigmoid", "Tanh"}
 
 
 @pytest.mark.parametrize("model", sorted(FUSED_FUNCTIONS))
-def test_the_switch_selects_each_path_for_a_whole_model(model, kernel_path):
+def test_the_switch_selects_each_path_for_a_whole_model(model, kernel_path, function_calls):
     """A training step and a cached decode run only fused kernels, or only composed ones: a module
     that ignored the switch would show up here."""
     task = SequenceTask("reverse", 5, 1, 5)
@@ -302,7 +286,7 @@ def test_the_switch_selects_each_path_for_a_whole_model(model, kernel_path):
         forward_backward(net, net.parameters(), batch, ShardedBackward(1))
         net.greedy_decode(batch.source, 6, need_weights=True)
 
-    names = record_function_names(step_and_decode)
+    names = {name for _, name in function_calls(step_and_decode)}
     fused_ran = {name for name in names if name.startswith("Fused")}
     if kernel_path == "fused":
         assert fused_ran == FUSED_FUNCTIONS[model]
@@ -312,24 +296,14 @@ def test_the_switch_selects_each_path_for_a_whole_model(model, kernel_path):
         assert "Softmax" in names or model == "rnn"
 
 
-def test_the_switch_carries_into_the_threads_of_a_sharded_step():
+def test_the_switch_carries_into_the_threads_of_a_sharded_step(function_calls):
     task = SequenceTask("reverse", 5, 1, 5)
     batch = next(task.batches(8, 0))
     net = build_model(Config(model="transformer", vocab=5, max_len=5, d_model=8, heads=2, layers=1, d_ff=16), task.vocab_size)
-    seen = []
-
-    def hook(phase, name, run):
-        seen.append(name)
-        return run()
-
     with kernels.use("composed"):
         sharded = ShardedBackward(2)
-        handle = engine.add_op_hook(hook)  # hooks make shards take turns; the context still has to reach them
-        try:
-            forward_backward(net, net.parameters(), batch, sharded)
-        finally:
-            handle.remove()
-    assert seen and not any(name.startswith("Fused") for name in seen)
+        seen = function_calls(lambda: forward_backward(net, net.parameters(), batch, sharded))
+    assert seen and not any(name.startswith("Fused") for _, name in seen)
     results = {}
     for path in kernels.CHOICES:
         net.zero_grad()
@@ -363,25 +337,14 @@ def test_training_never_warns_about_the_path():
 
 
 @pytest.mark.parametrize("model", ["transformer", "gpt"])
-def test_every_pre_ln_norm_is_folded_in_a_training_step(model):
+def test_every_pre_ln_norm_is_folded_in_a_training_step(model, function_calls):
     """Only the stacks' final norms, read by the output head and by cross-attention, are computed
     on their own: a fused step runs FusedLayerNorm once per stack, whatever the number of layers."""
     task = SequenceTask("reverse", 5, 1, 5)
     batch = next(task.batches(6, 0))
     net = build_model(Config(model=model, vocab=5, max_len=5, d_model=8, heads=2, layers=3, d_ff=16), task.vocab_size)
-    calls = []
-
-    def hook(phase, name, run):
-        if phase == "forward" and name == "FusedLayerNorm":
-            calls.append(name)
-        return run()
-
-    handle = engine.add_op_hook(hook)
-    try:
-        forward_backward(net, net.parameters(), batch, ShardedBackward(1))
-    finally:
-        handle.remove()
-    assert len(calls) == (2 if model == "transformer" else 1)
+    calls = function_calls(lambda: forward_backward(net, net.parameters(), batch, ShardedBackward(1)))
+    assert calls.count(("forward", "FusedLayerNorm")) == (2 if model == "transformer" else 1)
 
 
 @pytest.mark.parametrize("sublayer", ["feed-forward", "self-attention"])

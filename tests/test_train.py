@@ -614,20 +614,13 @@ def test_rnn_models_train_and_report_accuracy_by_length(tmp_path, capsys):
 
 # --- the kernels switch from the command line --------------------------------------------------------
 
-def test_kernels_composed_trains_with_engine_ops_alone_and_the_checkpoint_serves_both_paths(tmp_path, monkeypatch):
-    from tinyattn import engine
-    names = set()
-
-    def hook(phase, name, run):
-        names.add(name)
-        return run()
-
-    handle = engine.add_op_hook(hook)
-    try:
-        code, stdout, stderr = run_main([*TINY, "--lr", "1e-2", "--steps", "800", "--eval-every", "50",
-                                         "--target-accuracy", "1.0", "--kernels", "composed", "--out", tmp_path / "run"])
-    finally:
-        handle.remove()
+def test_kernels_composed_trains_with_engine_ops_alone_and_the_checkpoint_serves_both_paths(tmp_path, function_calls):
+    results = []
+    calls = function_calls(lambda: results.append(run_main([*TINY, "--lr", "1e-2", "--steps", "800", "--eval-every", "50",
+                                                            "--target-accuracy", "1.0", "--kernels", "composed",
+                                                            "--out", tmp_path / "run"])))
+    names = {name for _, name in calls}
+    code, stdout, stderr = results[0]
     assert code == 0, stderr
     assert "composed kernels" in stdout
     assert float(HELD_OUT.search(stdout).group(2)) == 100.0

@@ -5,7 +5,7 @@ from .creation import Generator, arange, full, manual_seed, ones, ones_like, ran
 from .ops import (abs, argmax, argmin, clip, concatenate, exp, gelu, log, masked_fill, matmul, max, maximum, mean, min,
                   minimum, relu, sigmoid, split, sqrt, stack, sum, tanh, var, where)
 from .gradcheck import GradcheckError, gradcheck, gradgradcheck
-from . import functional, nn, optim, profiler
+from . import functional, kernels, nn, optim, profiler
 
 profiler.enable_from_environment()
 

@@ -181,10 +181,6 @@ def is_floating(dtype):
     return numpy.dtype(dtype).kind == "f"
 
 
-def result_dtype(*dtypes):
-    return numpy.result_type(*dtypes)
-
-
 def as_dtype(dtype):
     return numpy.dtype(dtype)
 

@@ -32,10 +32,6 @@ def add_op_hook(hook):
     return backend.HookHandle(_op_hooks, hook)
 
 
-def op_hooks_attached():
-    return bool(_op_hooks)
-
-
 def _hooked(phase, name, run):
     for hook in reversed(_op_hooks):
         run = functools.partial(hook, phase, name, run)

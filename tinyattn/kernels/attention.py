@@ -24,6 +24,7 @@ from .dropout import dropout_mask
 from .deferred import DeferredBlockOutput
 from .layer_norm import DeferredLayerNorm
 from .softmax import softmax
+from .sublayer import FusedSublayer
 
 
 def attention_mask(mask, causal, query_length, key_length, like):
@@ -212,7 +213,7 @@ def _stacked_biases(xp, biases, size, dtype):
     return xp.concatenate([xp.zeros(size, dtype=dtype) if bias is None else bias for bias in biases])
 
 
-class FusedMultiHeadAttention(Function):
+class FusedMultiHeadAttention(FusedSublayer):
     """A whole multi-head attention block, projections included, as one Function; outputs
     (output, weights). Reference: multi_head_attention_composed.
 
@@ -231,20 +232,15 @@ class FusedMultiHeadAttention(Function):
     def forward(self, x, context, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
                 norm_weight, norm_bias, residual, *, heads, norm_eps, allowed, keep_scale, cache):
         xp = self.xp
-        self.cross, self.norm = context is not None, norm_eps is not None
+        self.cross = context is not None
         batch, length, d_model = x.shape
         x2 = x.reshape(-1, d_model)
         # The rows the x-side projection reads, and that projection's weights (stacked q, k, v
         # for self-attention, q alone for cross-attention), with a leading norm folded in.
         x_side = (q_weight,) if self.cross else (q_weight, k_weight, v_weight)
-        self.w_x = x_side[0] if self.cross else xp.concatenate(x_side)
+        w_x = x_side[0] if self.cross else xp.concatenate(x_side)
         b_x = _stacked_biases(xp, (q_bias,) if self.cross else (q_bias, k_bias, v_bias), d_model, x.dtype)
-        if self.norm:
-            rows_in, self.inverse_std = rows.normalize_rows(xp, x2, norm_eps)
-            w_x_used, b_x = rows.fold_norm(self.w_x, b_x, norm_weight, norm_bias)
-            self.norm_weight, self.norm_bias = norm_weight, norm_bias
-        else:
-            rows_in, w_x_used = x2, self.w_x
+        rows_in, w_x_used, b_x = self._input_rows(x2, w_x, b_x, norm_weight, norm_bias, norm_eps)
         # 1/sqrt(d) goes into the q rows of the small weight matrix, not over the big q.
         self.row_scale = xp.ones(w_x_used.shape[0], dtype=x.dtype)
         self.row_scale[:d_model] = 1.0 / math.sqrt(d_model // heads)
@@ -279,9 +275,7 @@ class FusedMultiHeadAttention(Function):
         y = matmul(merged, out_weight.T)
         if out_bias is not None:
             y += out_bias
-        if residual is not None:
-            y += residual.reshape(y.shape)
-        self.residual = None if residual is None else ("x" if residual is x else residual.shape)
+        self._add_residual(y, x, residual)
         self.saved = (rows_in, c2, q_scaled, k, v, weights, attended, merged, keep_scale, out_weight)
         self.has_bias = tuple(b is not None for b in (q_bias, k_bias, v_bias, out_bias))
         return y.reshape(batch, length, d_model), weights
@@ -307,16 +301,8 @@ class FusedMultiHeadAttention(Function):
         grad_w_x, grad_b_x = matmul(grad_projected.T, rows_in), rows.column_sum(xp, grad_projected)
         grad_w_x *= self.row_scale[:, None]  # back from the scaled q rows to the weights as given
         grad_b_x *= self.row_scale
-        grad_norm_weight = grad_norm_bias = None
-        if self.norm:
-            grad_w_x, grad_b_x, grad_norm_weight, grad_norm_bias = rows.unfold_norm_grads(
-                self.w_x, self.norm_weight, self.norm_bias, grad_w_x, grad_b_x)
-            grad_rows = rows.normalize_rows_backward(xp, grad_rows, rows_in, self.inverse_std)
-        grad_residual = None
-        if self.residual == "x":  # x is also the residual (a pre-LN sublayer): one gradient, summed in place
-            grad_rows += g2
-        elif self.residual is not None:
-            grad_residual = g2.reshape(self.residual)
+        grad_rows, grad_w_x, grad_b_x, grad_norm_weight, grad_norm_bias, grad_residual = self._input_grads(
+            grad_rows, rows_in, grad_w_x, grad_b_x, g2)
         grad_context = None
         if self.cross:
             grad_context = matmul(grad_kv, self.w_kv).reshape(batch, source_length, d_model)

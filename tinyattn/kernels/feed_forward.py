@@ -9,12 +9,12 @@ x's rows itself and folds the norm's scale and shift into the first projection; 
 output is deferred (kernels.deferred), so a residual added to it is added inside the block.
 """
 from ..backend import matmul
-from ..engine import Function
 from ..ops import GELU_CUBIC, GELU_SCALE, constant, linear
 from . import fused_selected, rows
 from .dropout import dropout_mask
 from .deferred import DeferredBlockOutput
 from .layer_norm import DeferredLayerNorm
+from .sublayer import FusedSublayer
 
 ACTIVATIONS = ("relu", "gelu")
 
@@ -46,7 +46,7 @@ def _gelu_in_place(xp, pre):
     return slope
 
 
-class FusedFeedForward(Function):
+class FusedFeedForward(FusedSublayer):
     """[LayerNorm,] Linear, activation, (dropout,) Linear as one Function (reference:
     feed_forward_composed). With norm_eps, x is the input of a LayerNorm with weight
     norm_weight and bias norm_bias, folded into weight1 and bias1 (rows.fold_norm).
@@ -57,14 +57,8 @@ class FusedFeedForward(Function):
                 keep_scale):
         xp = self.xp
         x2 = x.reshape(-1, x.shape[-1])
-        self.norm, self.has_bias = norm_eps is not None, (bias1 is not None, bias2 is not None)
-        if self.norm:
-            rows_in, self.inverse_std = rows.normalize_rows(xp, x2, norm_eps)
-            bias1 = bias1 if bias1 is not None else xp.zeros(weight1.shape[0], dtype=x.dtype)
-            weight1_used, bias1 = rows.fold_norm(weight1, bias1, norm_weight, norm_bias)
-            self.norm_weight, self.norm_bias = norm_weight, norm_bias
-        else:
-            rows_in, weight1_used = x2, weight1
+        self.has_bias = (bias1 is not None, bias2 is not None)
+        rows_in, weight1_used, bias1 = self._input_rows(x2, weight1, bias1, norm_weight, norm_bias, norm_eps)
         hidden = matmul(rows_in, weight1_used.T)
         if bias1 is not None:
             hidden += bias1
@@ -78,10 +72,8 @@ class FusedFeedForward(Function):
         out = matmul(dropped, weight2.T)
         if bias2 is not None:
             out += bias2
-        if residual is not None:
-            out += residual.reshape(out.shape)
-        self.residual = None if residual is None else ("x" if residual is x else residual.shape)
-        self.x_shape, self.weight1, self.weight1_used, self.weight2 = x.shape, weight1, weight1_used, weight2
+        self._add_residual(out, x, residual)
+        self.x_shape, self.weight1_used, self.weight2 = x.shape, weight1_used, weight2
         self.rows_in, self.dropped, self.keep_scale = rows_in, dropped, keep_scale
         return out.reshape(x.shape[:-1] + (weight2.shape[0],))
 
@@ -96,16 +88,8 @@ class FusedFeedForward(Function):
         grad_hidden *= self.slope  # the activation's derivative (for ReLU: gradient only where its input was positive)
         grad_weight1, grad_bias1 = matmul(grad_hidden.T, self.rows_in), rows.column_sum(xp, grad_hidden)
         grad_x = matmul(grad_hidden, self.weight1_used)
-        grad_norm_weight = grad_norm_bias = None
-        if self.norm:
-            grad_weight1, grad_bias1, grad_norm_weight, grad_norm_bias = rows.unfold_norm_grads(
-                self.weight1, self.norm_weight, self.norm_bias, grad_weight1, grad_bias1)
-            grad_x = rows.normalize_rows_backward(xp, grad_x, self.rows_in, self.inverse_std)
-        grad_residual = None
-        if self.residual == "x":  # x is also the residual (a pre-LN sublayer): one gradient, summed in place
-            grad_x += g2
-        elif self.residual is not None:
-            grad_residual = grad.data
+        grad_x, grad_weight1, grad_bias1, grad_norm_weight, grad_norm_bias, grad_residual = self._input_grads(
+            grad_x, self.rows_in, grad_weight1, grad_bias1, g2)
         grads = (grad_x.reshape(self.x_shape), grad_weight1, grad_bias1 if self.has_bias[0] else None, grad_weight2,
                  grad_bias2 if self.has_bias[1] else None, grad_norm_weight, grad_norm_bias, grad_residual)
         return tuple(None if g is None else constant(g) for g in grads)

@@ -1,0 +1,45 @@
+"""What the fused attention and feed-forward blocks share as pre-LN sublayers: reading their
+input through a folded layer norm, and adding the residual to their output."""
+from ..engine import Function
+from . import rows
+
+
+class FusedSublayer(Function):
+    """Base of the fused blocks that fold a leading norm (norm_eps given: their x is the
+    norm's input) and add a residual in place. Subclasses call _input_rows and
+    _add_residual in forward, and _input_grads in backward."""
+
+    def _input_rows(self, x2, weight, bias, norm_weight, norm_bias, norm_eps):
+        """x's rows as the first projection reads them, and that projection's (weight, bias)
+        with the norm's scale and shift folded in (rows.fold_norm); as given without a norm."""
+        self.norm = norm_eps is not None
+        if not self.norm:
+            return x2, weight, bias
+        rows_in, self.inverse_std = rows.normalize_rows(self.xp, x2, norm_eps)
+        self.first_weight, self.norm_weight, self.norm_bias = weight, norm_weight, norm_bias
+        if bias is None:
+            bias = self.xp.zeros(weight.shape[0], dtype=weight.dtype)
+        weight, bias = rows.fold_norm(weight, bias, norm_weight, norm_bias)
+        return rows_in, weight, bias
+
+    def _add_residual(self, out2, x, residual):
+        """out2 += residual, in place. A residual that is x itself (a pre-LN sublayer) is noted,
+        so that backward sums x's two gradients in place."""
+        if residual is not None:
+            out2 += residual.reshape(out2.shape)
+        self.residual = None if residual is None else ("x" if residual is x else residual.shape)
+
+    def _input_grads(self, grad_rows, rows_in, grad_weight, grad_bias, grad_out2):
+        """From the gradients of the rows the first projection read and of its folded weights:
+        those of x's rows, of that projection's (weight, bias), of the norm's (weight, bias)
+        (None without a norm) and of the residual (None without one, or when it is x)."""
+        grad_norm_weight = grad_norm_bias = grad_residual = None
+        if self.norm:
+            grad_weight, grad_bias, grad_norm_weight, grad_norm_bias = rows.unfold_norm_grads(
+                self.first_weight, self.norm_weight, self.norm_bias, grad_weight, grad_bias)
+            grad_rows = rows.normalize_rows_backward(self.xp, grad_rows, rows_in, self.inverse_std)
+        if self.residual == "x":
+            grad_rows += grad_out2
+        elif self.residual is not None:
+            grad_residual = grad_out2.reshape(self.residual)
+        return grad_rows, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias, grad_residual
