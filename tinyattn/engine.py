@@ -20,7 +20,11 @@ from . import backend
 # so this module cannot import it; ops.py binds this name when it has loaded.
 ops = None
 
-_grad_mode = threading.local()
+class _ThreadGradMode(threading.local):
+    enabled = True  # each thread starts recording (a class default: no failed lookup on every op)
+
+
+_grad_mode = _ThreadGradMode()
 _op_hooks = []  # see add_op_hook
 
 
@@ -39,7 +43,7 @@ def _hooked(phase, name, run):
 
 
 def is_grad_enabled():
-    return getattr(_grad_mode, "enabled", True)
+    return _grad_mode.enabled
 
 
 class _GradMode:
@@ -115,7 +119,8 @@ class Function:
             shapes = " and ".join(str(a.shape) for a in arrays if a is not None)
             raise type(error)(f"{cls.__name__} on shapes {shapes}: {error}") from None
         several = type(results) is tuple
-        record = is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs) if _grad_mode.enabled else ()
+        record = True in needs_input_grad
         outputs, recorded = [], False
         for index, result in enumerate(results if several else (results,)):
             if type(result) is not kind:  # NumPy hands back scalars, not 0-d arrays, from full reductions
@@ -127,7 +132,7 @@ class Function:
             outputs.append(output)
         if recorded:
             function.inputs = inputs
-            function.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
+            function.needs_input_grad = needs_input_grad
             function.n_outputs = len(outputs)
             function._outputs = tuple(weakref.ref(output) for output in outputs)
         return tuple(outputs) if several else outputs[0]

@@ -80,6 +80,7 @@ class DeferredBlockOutput(Deferred):
 
 
 def _fits(residual, output):
-    """A residual the block can add itself: a computed tensor of the output's shape, dtype and device."""
+    """A residual the block can add itself: a computed tensor of the output's shape and dtype (one on
+    another device is refused by the block's Function, with the error an add would give)."""
     return (isinstance(residual, Tensor) and not (isinstance(residual, Deferred) and residual.pending)
-            and residual.shape == output.shape and residual.dtype == output.dtype and residual.device == output.device)
+            and residual.shape == output.shape and residual.dtype == output.dtype)

@@ -10,7 +10,6 @@ blocks, which in a pre-LN transformer are the only readers, take the norm's inpu
 and fold its scale and shift into their first projection (rows.fold_norm), so a layer
 that reads as its formula, x + attn(norm(x)), still skips writing the normalised activations.
 """
-from .. import backend
 from ..engine import Function
 from ..ops import constant
 from . import fused_selected, rows
@@ -85,7 +84,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     for name, parameter in (("weight", weight), ("bias", bias)):
         if parameter is not None and parameter.shape != x.shape[-1:]:
             raise ValueError(f"layer_norm: {name} of shape {parameter.shape} does not fit input of shape {x.shape}")
-    if not backend.is_floating(x.dtype):
+    if x.dtype.kind != "f":
         raise TypeError(f"layer_norm needs a floating-point input, got dtype {x.dtype}")
     if fused_selected():
         return DeferredLayerNorm(x, weight, bias, eps)
