@@ -1,4 +1,4 @@
-"""Composed vs fused scaled dot-product attention: forward + backward time, median of many runs.
+"""Composed vs fused scaled dot-product attention (the two paths of tinyattn.kernels): forward + backward time.
 
     python benchmarks/attention.py [--batch 64 --heads 4 --length 17 --head-dim 16 --repeats 200]
 
@@ -12,14 +12,17 @@ import platform
 import statistics
 import time
 
+import common  # noqa: F401  (first: it puts the checkout on sys.path)
 import tinyattn as ta
 from tinyattn import functional as F
+from tinyattn import kernels
 
 
-def time_once(q, k, v, mask, fused):
+def time_once(q, k, v, mask, path):
     start = time.perf_counter()
-    out = F.scaled_dot_product_attention(q, k, v, mask=mask, causal=True, fused=fused)
-    out.backward(ta.ones_like(out))
+    with kernels.use(path):
+        out = F.scaled_dot_product_attention(q, k, v, mask=mask, causal=True)
+        out.backward(ta.ones_like(out))
     return time.perf_counter() - start
 
 
@@ -38,10 +41,10 @@ def main():
     mask = ta.tensor([[True] * args.length] * args.batch)[:, None, None, :]
     times = {"composed": [], "fused": []}
     for _ in range(10):  # warm-up: caches, allocator
-        time_once(q, k, v, mask, True), time_once(q, k, v, mask, False)
+        time_once(q, k, v, mask, "fused"), time_once(q, k, v, mask, "composed")
     for _ in range(args.repeats):
-        for name, fused in (("composed", False), ("fused", True)):
-            times[name].append(time_once(q, k, v, mask, fused))
+        for path in ("composed", "fused"):
+            times[path].append(time_once(q, k, v, mask, path))
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     ratios = [f / c for f, c in zip(times["fused"], times["composed"])]
     result = {"shape": shape, "median_ms": medians, "median_ratio_fused_over_composed": statistics.median(ratios),
