@@ -347,14 +347,19 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
     weights_shape = (x.shape[0], heads, x.shape[1], source_length)
     keep_scale = dropout_mask(weights_shape, dropout_p, generator, x).data if dropout_p else None
     fused = fused_selected()
-    if fused and cache is not None and _records_gradients(x, context, *projections):
+    records = fused and _records_gradients(x, context, *projections)
+    if records and cache is not None:
         composed_instead("multi-head attention", "a key/value cache while gradients are recorded")
         fused = False
     if not fused:
         out, weights = multi_head_attention_composed(x, projections, heads, context, allowed, keep_scale, cache)
         return out, (weights if need_weights else None)
     norm = x.deferred_norm() if isinstance(x, DeferredLayerNorm) else None
-    x, norm_weight, norm_bias, norm_eps = norm if norm is not None else (x, None, None, None)
+    if norm is not None:
+        x, norm_weight, norm_bias, norm_eps = norm
+        records = records or _records_gradients(x, norm_weight, norm_bias)  # the norm folded in is recorded too
+    else:
+        norm_weight = norm_bias = norm_eps = None
 
     def run(residual):
         return FusedMultiHeadAttention.apply(x, context, *projections, norm_weight, norm_bias, residual, heads=heads,
@@ -362,6 +367,5 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
 
     if cache is not None or need_weights:  # a cache is filled, and weights are read, at once
         return run(None)
-    deferred = DeferredBlockOutput(lambda residual: run(residual)[0], x, x.shape,
-                                   _records_gradients(x, context, *projections, norm_weight, norm_bias))
+    deferred = DeferredBlockOutput(lambda residual: run(residual)[0], x, x.shape, records)
     return deferred, None

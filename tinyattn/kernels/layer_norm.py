@@ -65,7 +65,8 @@ class DeferredLayerNorm(Deferred):
     __slots__ = ("_weight", "_bias", "_eps")
 
     def __init__(self, x, weight, bias, eps):
-        super().__init__(x, x.shape, any(t is not None and t.requires_grad for t in (x, weight, bias)))
+        super().__init__(x, x.shape, x.requires_grad or (weight is not None and weight.requires_grad)
+                         or (bias is not None and bias.requires_grad))
         self._weight, self._bias, self._eps = weight, bias, eps
 
     def _make(self):
