@@ -42,12 +42,13 @@ def train_run(config=REFERENCE):
 
 def timed_train_step(model, optimizer, batch, sharded):
     """One training step as train.py takes it (zero_grad, models.training.forward_backward
-    with the batch's shards side by side, Adam step), timed; returns (seconds, loss)."""
+    with the batch's shards side by side, the loss read once, Adam step), timed; returns (seconds, loss)."""
     start_time = time.perf_counter()
     optimizer.zero_grad()
     loss, _ = forward_backward(model, optimizer.params, batch, sharded)
+    loss_value = loss.item()
     optimizer.step()
-    return time.perf_counter() - start_time, loss
+    return time.perf_counter() - start_time, loss_value
 
 
 def start():

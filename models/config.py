@@ -109,8 +109,6 @@ class Config:
                 f"must be at least 0 and less than {name('steps')} ({self.steps}), got {self.warmup}")
         require(0.0 < self.target_accuracy <= 1.0, "target_accuracy", f"must be in (0, 1], got {self.target_accuracy}")
         require(self.threads is None or self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
-        require(self.threads in (None, 1) or not self.dropout, "threads",
-                f"{self.threads} needs {name('dropout')} 0: dropout masks drawn by several threads would make the run unrepeatable")
         require(self.threads is None or self.threads <= self.batch_size, "threads",
                 f"({self.threads}) must not exceed {name('batch_size')} ({self.batch_size}): each thread takes a part of the batch")
         require(self.stop_at is None or 0 < self.stop_at <= self.steps, "stop_at",

@@ -15,7 +15,7 @@ import time
 from tqdm import tqdm
 
 import tinyattn as ta
-from tinyattn import checkpoint, kernels, optim
+from tinyattn import backend, checkpoint, kernels, optim
 from tinyattn.functional import cross_entropy
 from tinyattn.parallel import ShardedBackward, default_shards
 from tinyattn.tasks import PAD, SequenceTask
@@ -24,6 +24,7 @@ from . import build_model
 from .evaluation import evaluate, show_by_length, show_samples
 
 CHECKPOINT_NAME = "checkpoint.npz"
+PROGRESS_EVERY = 10  # steps between updates of the progress bar's figures
 INTERRUPTED_EXIT = 130
 
 # Fewer rows than this per thread, and a part's fixed cost per step (Python building and
@@ -36,11 +37,9 @@ MIN_ROWS_PER_THREAD = {"transformer": 32, "gpt": 32, "rnn": 128, "rnn-attention"
 
 def shards_for(config):
     """The --threads setting, or its default: as many threads as the device allows
-    (tinyattn.parallel.default_shards) while each gets enough rows, 1 with dropout."""
+    (tinyattn.parallel.default_shards) while each gets enough rows."""
     if config.threads is not None:
         return config.threads
-    if config.dropout:
-        return 1
     most = default_shards(config.device or ta.get_default_device())
     return most if config.batch_size >= most * MIN_ROWS_PER_THREAD[config.model] else 1
 
@@ -49,7 +48,8 @@ def forward_backward(model, params, batch, sharded):
     """The batch's mean token loss, with its gradients added to the .grad of `params` (the
     model's parameters, listed once by the caller: walking the modules costs about half a
     millisecond), the batch's shards running side by side (tinyattn.parallel). Returns the
-    loss value and each shard's (logits, labels)."""
+    loss as a 0-d tensor, not read (on a GPU reading it waits for the device), and each
+    shard's (logits, labels)."""
     scale = 1.0 / batch.num_tokens  # each shard's summed loss over the whole batch's count: the shards add up to the mean
 
     def loss_of(shard):
@@ -57,16 +57,25 @@ def forward_backward(model, params, batch, sharded):
         return cross_entropy(logits, labels, ignore_index=PAD, reduction="sum") * scale, logits, labels
 
     outputs = sharded(loss_of, batch.split(sharded.shards), params)
-    return sum(loss.item() for loss, _, _ in outputs), [(logits, labels) for _, logits, labels in outputs]
+    with ta.no_grad():
+        loss = sum((loss for loss, _, _ in outputs[1:]), outputs[0][0])
+    return loss, [(logits, labels) for _, logits, labels in outputs]
+
+
+def token_counts(predictions):
+    """(right, total) as arrays on the logits' device, not read: the real (non-PAD) label
+    tokens that the logits' argmax gets right, and all real label tokens."""
+    right = total = 0
+    for logits, labels in predictions:
+        real = labels.data != PAD
+        right = right + ((logits.data.argmax(axis=-1) == labels.data) & real).sum()
+        total = total + real.sum()
+    return right, total
 
 
 def token_accuracy(predictions):
     """The share of real (non-PAD) label tokens that the logits' argmax gets right."""
-    right = total = 0
-    for logits, labels in predictions:
-        real = labels.data != PAD
-        right += int(((logits.data.argmax(axis=-1) == labels.data) & real).sum())
-        total += int(real.sum())
+    right, total = backend.read_scalars(*token_counts(predictions))
     return right / max(total, 1)
 
 
@@ -81,23 +90,30 @@ class Run:
         self.optimizer = optim.Adam(self.params, lr=config.lr)
         self.schedule = optim.WarmupCosine(self.optimizer, config.warmup, config.steps)
         self.stream = self.task.batches(config.batch_size, config.seed, device=config.device)
-        self.sharded = ShardedBackward(shards_for(config))
+        self.sharded = ShardedBackward(shards_for(config), dropout_generator=self.model.generator if config.dropout else None)
         self.step, self.elapsed_before = 0, 0.0
 
-    def train_step(self):
-        """One optimizer step on the next batch: (loss, batch, each shard's (logits, labels)).
-        A non-finite loss is returned without an update, so the caller can stop with the model intact."""
+    def train_step(self, read_accuracy=False):
+        """One optimizer step on the next batch: (loss, batch, the batch's token accuracy, or
+        None unless read_accuracy). The step reads one thing back from the device, once: the
+        loss, with the accuracy's counts when asked. A non-finite loss is returned without an
+        update, so the caller can stop with the model intact."""
         batch = next(self.stream)
         self.optimizer.zero_grad()
         with kernels.use(self.config.kernels):
-            loss_value, predictions = forward_backward(self.model, self.params, batch, self.sharded)
+            loss, predictions = forward_backward(self.model, self.params, batch, self.sharded)
+        if read_accuracy:
+            loss_value, right, total = backend.read_scalars(loss.data, *token_counts(predictions))
+            accuracy = right / max(total, 1)
+        else:
+            loss_value, accuracy = loss.item(), None
         if math.isfinite(loss_value):
             if self.config.grad_clip:
                 optim.clip_grad_norm_(self.params, self.config.grad_clip)
             self.optimizer.step()
             self.schedule.step()
             self.step += 1
-        return loss_value, batch, predictions
+        return loss_value, batch, accuracy
 
     def evaluate(self, batches):
         with kernels.use(self.config.kernels):
@@ -128,7 +144,8 @@ class Run:
 
 
 def parameters_finite(model):
-    return all(bool(p.xp.isfinite(p.data).all()) for p in model.parameters())
+    """Whether every weight is finite, read back from the device once for all of them."""
+    return all(backend.read_scalars(*(p.xp.isfinite(p.data).all() for p in model.parameters())))
 
 
 def stop_on_divergence(progress, what, path, saved_step):
@@ -164,14 +181,15 @@ def train(config, resume=None, resume_path=None):
     window_start, window_tokens = time.perf_counter(), 0
     try:
         while run.step < config.steps:
-            loss_value, batch, predictions = run.train_step()
+            shows_progress = (run.step + 1) % PROGRESS_EVERY == 0 or run.step + 1 == config.steps
+            loss_value, batch, accuracy = run.train_step(read_accuracy=shows_progress)
             if not math.isfinite(loss_value):
                 return stop_on_divergence(progress, f"the loss became {loss_value} at step {run.step + 1}", path, saved_step)
             window_tokens += batch.num_tokens
             progress.update(1)
-            if run.step % 10 == 0 or run.step == config.steps:
+            if shows_progress:
                 now = time.perf_counter()
-                progress.set_postfix(loss=f"{loss_value:.4f}", acc=f"{token_accuracy(predictions):.3f}", lr=f"{run.optimizer.lr:.2e}",
+                progress.set_postfix(loss=f"{loss_value:.4f}", acc=f"{accuracy:.3f}", lr=f"{run.optimizer.lr:.2e}",
                                      tok_s=f"{window_tokens / (now - window_start):,.0f}")
                 window_start, window_tokens = now, 0
             elapsed = run.elapsed_before + time.perf_counter() - start

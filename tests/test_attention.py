@@ -9,11 +9,18 @@ from tinyattn import functional as F
 from tinyattn import kernels
 from tinyattn import nn
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 RNG = np.random.default_rng(0)
 
 
+def on_device(array, **options):
+    """A tensor of host `array` on the default device, which the device fixture sets (ta.tensor keeps a numpy array on the cpu)."""
+    return ta.tensor(array, device=ta.get_default_device(), **options)
+
+
 def randn(*shape, grad=True):
-    return ta.tensor(RNG.standard_normal(shape), requires_grad=grad)
+    return on_device(RNG.standard_normal(shape), requires_grad=grad)
 
 
 def reference_attention(q, k, v, allowed=None):
@@ -29,27 +36,37 @@ def reference_attention(q, k, v, allowed=None):
     return weights @ v, weights
 
 
+def padding_array(lengths, size):
+    """(B, 1, 1, S) on the host: key j of row b is real when j < lengths[b]."""
+    return (np.arange(size)[None, :] < np.asarray(lengths)[:, None])[:, None, None, :]
+
+
 def padding_mask(lengths, size):
-    """(B, 1, 1, S): key j of row b is real when j < lengths[b]."""
-    return ta.tensor(np.arange(size)[None, :] < np.asarray(lengths)[:, None])[:, None, None, :]
+    """padding_array as a tensor on the default device."""
+    return on_device(padding_array(lengths, size))
+
+
+def mask_of(case):
+    """The case's mask (a host array, or None) on the device the test runs on."""
+    return None if case["mask"] is None else on_device(case["mask"])
 
 
 CASES = {
     "plain": dict(q=(2, 3, 4), k=(2, 3, 4), mask=None, causal=False),
     "causal": dict(q=(2, 4, 3), k=(2, 4, 3), mask=None, causal=True),
-    "padding": dict(q=(2, 2, 3, 4), k=(2, 2, 3, 4), mask=padding_mask([3, 1], 3), causal=False),
-    "cross T != S": dict(q=(2, 2, 2, 3), k=(2, 2, 5, 3), mask=padding_mask([5, 2], 5), causal=False),
-    "causal + padding": dict(q=(2, 1, 4, 3), k=(2, 1, 4, 3), mask=padding_mask([4, 2], 4), causal=True),
-    "one query (a decoding step)": dict(q=(2, 2, 1, 3), k=(2, 2, 5, 3), mask=padding_mask([5, 2], 5), causal=False),
+    "padding": dict(q=(2, 2, 3, 4), k=(2, 2, 3, 4), mask=padding_array([3, 1], 3), causal=False),
+    "cross T != S": dict(q=(2, 2, 2, 3), k=(2, 2, 5, 3), mask=padding_array([5, 2], 5), causal=False),
+    "causal + padding": dict(q=(2, 1, 4, 3), k=(2, 1, 4, 3), mask=padding_array([4, 2], 4), causal=True),
+    "one query (a decoding step)": dict(q=(2, 2, 1, 3), k=(2, 2, 5, 3), mask=padding_array([5, 2], 5), causal=False),
 }
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_attention_values_match_numpy(case, kernel_path):
     q, k, v = randn(*case["q"]), randn(*case["k"]), randn(*case["k"])
-    out, weights = F.scaled_dot_product_attention(q, k, v, mask=case["mask"], causal=case["causal"],
+    out, weights = F.scaled_dot_product_attention(q, k, v, mask=mask_of(case), causal=case["causal"],
                                                   return_weights=True)
-    allowed = case["mask"].numpy() if case["mask"] is not None else np.ones((1,), dtype=bool)
+    allowed = case["mask"] if case["mask"] is not None else np.ones((1,), dtype=bool)
     if case["causal"]:
         allowed = allowed & np.tril(np.ones((case["q"][-2], case["k"][-2]), dtype=bool))
     expected_out, expected_weights = reference_attention(q.numpy(), k.numpy(), v.numpy(), allowed)
@@ -62,7 +79,7 @@ def test_composed_attention_gradcheck_and_gradgradcheck(case):
     q, k, v = randn(*case["q"]), randn(*case["k"]), randn(*case["k"])
 
     def attend(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, mask=case["mask"], causal=case["causal"])
+        return F.scaled_dot_product_attention(q, k, v, mask=mask_of(case), causal=case["causal"])
 
     with kernels.use("composed"):
         assert ta.gradcheck(attend, [q, k, v])
@@ -72,7 +89,7 @@ def test_composed_attention_gradcheck_and_gradgradcheck(case):
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_fused_attention_gradcheck(case):
     q, k, v = randn(*case["q"]), randn(*case["k"]), randn(*case["k"])
-    assert ta.gradcheck(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask=case["mask"], causal=case["causal"]),
+    assert ta.gradcheck(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask=mask_of(case), causal=case["causal"]),
                         [q, k, v])
 
 
@@ -83,8 +100,8 @@ def test_fused_and_composed_agree_in_values_and_gradients(case):
     results = []
     for path in ("composed", "fused"):
         with kernels.use(path):
-            out = F.scaled_dot_product_attention(q, k, v, mask=case["mask"], causal=case["causal"])
-            grads = ta.grad(out, [q, k, v], grad_outputs=upstream)
+            out = F.scaled_dot_product_attention(q, k, v, mask=mask_of(case), causal=case["causal"])
+            grads = ta.grad(out, [q, k, v], grad_outputs=on_device(upstream))
         results.append([out.numpy()] + [g.numpy() for g in grads])
     for composed, fused in zip(*results):
         np.testing.assert_allclose(fused, composed, rtol=1e-6, atol=1e-6)
@@ -103,7 +120,7 @@ def test_masked_positions_get_exactly_zero_weight_and_rows_sum_to_one(kernel_pat
 
 def test_a_fully_masked_query_yields_zeros_not_nan(kernel_path):
     q, k, v = randn(1, 2, 3), randn(1, 3, 3), randn(1, 3, 3)
-    mask = ta.tensor(np.array([[True, False, True], [False, False, False]]))
+    mask = on_device(np.array([[True, False, True], [False, False, False]]))
     out, weights = F.scaled_dot_product_attention(q, k, v, mask=mask, return_weights=True)
     assert np.all(out.numpy()[0, 1] == 0.0) and np.all(weights.numpy()[0, 1] == 0.0)
     out.sum().backward()
@@ -118,7 +135,7 @@ def test_fused_attention_refuses_create_graph_and_says_what_to_use():
 
 
 def test_attention_dropout_is_seeded_and_scales_survivors():
-    q, k, v = randn(1, 4, 4, grad=False), randn(1, 4, 4, grad=False), ta.tensor(np.eye(4)[None])
+    q, k, v = randn(1, 4, 4, grad=False), randn(1, 4, 4, grad=False), on_device(np.eye(4)[None])
     outs = []
     for path in ("composed", "fused"):
         with kernels.use(path):
@@ -149,7 +166,7 @@ def make_mha(d_model=8, n_heads=2, seed=0, **options):
 def test_mha_equals_per_head_attention_computed_by_hand():
     mha = make_mha()
     x = RNG.standard_normal((2, 3, 8))
-    out, weights = mha(ta.tensor(x), need_weights=True)
+    out, weights = mha(on_device(x), need_weights=True)
 
     def project(linear, inputs):
         return inputs @ linear.weight.numpy().T + linear.bias.numpy()

@@ -8,9 +8,12 @@ import pytest
 
 import tinyattn as ta
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 
 def leaf(values, dtype=ta.float64):
-    return ta.tensor(np.asarray(values, dtype=dtype), requires_grad=True)
+    """A leaf on the default device, which the device fixture sets."""
+    return ta.tensor(np.asarray(values, dtype=dtype), requires_grad=True, device=ta.get_default_device())
 
 
 def test_gradient_of_a_product_is_the_other_factor():
@@ -75,6 +78,13 @@ def test_backward_with_a_grad_of_the_wrong_shape_names_both_shapes():
         (x * 2.0).backward(grad=np.ones(3))
 
 
+def test_backward_with_a_grad_on_another_device_names_both(device):
+    if device == "cpu":
+        pytest.skip("a grad on another device needs the cuda device")
+    with pytest.raises(ta.DeviceError, match="grad on cpu for a tensor on cuda"):
+        (leaf([1.0, 2.0]) * 2.0).backward(grad=ta.ones(2, dtype=ta.float64, device="cpu"))
+
+
 def test_backward_on_a_tensor_without_grad_is_an_error():
     with pytest.raises(RuntimeError, match="does not require grad"):
         ta.tensor([1.0]).sum().backward()
@@ -94,6 +104,15 @@ def test_retain_graph_allows_a_second_backward():
     y.backward(retain_graph=True)
     y.backward()
     np.testing.assert_allclose(x.grad.numpy(), 4 * np.exp([1.0, 2.0]))
+
+
+def test_forward_and_backward_read_nothing_back_from_the_device(sync_counter):
+    x, w = leaf(np.ones((2, 3))), leaf(np.full((3, 4), 0.5))
+    loss = ((x @ w).tanh() * 2.0).sum()
+    loss.backward()
+    assert sync_counter.count == 0
+    loss.item()
+    assert sync_counter.count == 1
 
 
 def test_backward_releases_saved_arrays():
@@ -158,7 +177,7 @@ def test_no_grad_records_nothing_and_keeps_nothing_alive():
     with ta.no_grad():
         y = x.exp()
     assert not y.requires_grad and y.grad_fn is None
-    probe = ta.tensor(np.ones(3), requires_grad=True)
+    probe = leaf(np.ones(3))
     with ta.no_grad():
         out = probe * 2.0
     watcher = weakref.ref(probe)
@@ -245,7 +264,7 @@ def test_leaf_gradients_are_separate_writable_arrays():
     assert a.grad is not b.grad
     a.grad.data *= 0.5
     np.testing.assert_array_equal(b.grad.numpy(), [1.0, 1.0])
-    upstream = ta.tensor(np.ones(2))
+    upstream = leaf(np.ones(2)).detach()
     y = leaf([1.0, 2.0])
     (y + 0.0).backward(upstream)
     upstream.data[...] = 5.0

@@ -70,7 +70,7 @@ def test_to_moves_data_and_gradient_back():
 
 @pytest.mark.skipif(CUDA_SKIP is None, reason="this machine has a usable GPU")
 def test_asking_for_cuda_without_a_gpu_says_how_to_install():
-    with pytest.raises(ta.DeviceError, match=r"pip install -e '\.\[cuda\]'"):
+    with pytest.raises(ta.DeviceError, match=r"pip install '\.\[cuda12\]', or pip install '\.\[cuda13\]' where nvidia-smi"):
         ta.zeros(2, device="cuda")
 
 
@@ -112,7 +112,7 @@ def test_tinyattn_device_environment_variable_sets_the_default():
     assert result.stdout.strip() == "cpu"
     if CUDA_SKIP is not None:
         result = _run_python("import tinyattn; tinyattn.zeros(1)", TINYATTN_DEVICE="cuda")
-        assert result.returncode != 0 and "'.[cuda]'" in result.stderr
+        assert result.returncode != 0 and "'.[cuda12]'" in result.stderr
 
 
 # checkpoint.py reads and writes NumPy's .npz file format, on host copies of the arrays.

@@ -11,6 +11,13 @@ import tinyattn as ta
 
 SHAPE_PAIRS = mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, min_side=1, max_side=3)
 SEEDS = st.integers(min_value=0, max_value=2 ** 32 - 1)
+# Every test runs on cpu and on cuda (tests/conftest.py); a test's examples all share its device.
+pytestmark = pytest.mark.usefixtures("device")
+
+
+def device_tensor(array, requires_grad=False):
+    """`array` as a tensor on the default device, which the device fixture sets."""
+    return ta.tensor(array, requires_grad=requires_grad, device=ta.get_default_device())
 
 
 def sum_to(array, shape):
@@ -51,7 +58,7 @@ def operands(shapes, seed, name):
 def test_forward_matches_numpy(name, shapes, seed):
     function, reference, _, _ = OPS[name]
     a, b = operands(shapes, seed, name)
-    result = function(ta.tensor(a), ta.tensor(b))
+    result = function(device_tensor(a), device_tensor(b))
     expected = reference(a, b)
     assert result.shape == expected.shape == shapes.result_shape
     assert result.dtype == ta.float64
@@ -65,9 +72,9 @@ def test_gradients_have_operand_shapes_and_analytic_values(name, shapes, seed):
     function, _, d_a, d_b = OPS[name]
     a, b = operands(shapes, seed, name)
     upstream = np.asarray(np.random.default_rng(seed + 1).standard_normal(shapes.result_shape))
-    ta_a, ta_b = ta.tensor(a, requires_grad=True), ta.tensor(b, requires_grad=True)
+    ta_a, ta_b = device_tensor(a, requires_grad=True), device_tensor(b, requires_grad=True)
     out = function(ta_a, ta_b)
-    out.backward(ta.tensor(upstream))
+    out.backward(device_tensor(upstream))
     assert ta_a.grad.shape == a.shape
     assert ta_b.grad.shape == b.shape
     assert ta_a.grad.dtype == ta_b.grad.dtype == ta.float64
@@ -84,7 +91,7 @@ def test_gradients_have_operand_shapes_and_analytic_values(name, shapes, seed):
 def test_gradcheck(name, shapes, seed):
     function = OPS[name][0]
     a, b = operands(shapes, seed, name)
-    assert ta.gradcheck(function, [ta.tensor(a, requires_grad=True), ta.tensor(b, requires_grad=True)])
+    assert ta.gradcheck(function, [device_tensor(a, requires_grad=True), device_tensor(b, requires_grad=True)])
 
 
 def test_sum_to_helper():

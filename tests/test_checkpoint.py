@@ -10,13 +10,16 @@ import tinyattn as ta
 from tinyattn import backend, checkpoint
 from tinyattn.checkpoint import CheckpointError
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 
 def sample_state():
     generator = np.random.default_rng(12345)
     generator.random(7)  # advance it so the state is not the seed's
     return {
         "model": {"embed.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "head.bias": np.array([-1.5, 0.0, 2.25])},
-        "tensor": ta.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        "tensor": ta.tensor([[1.0, 2.0], [3.0, 4.0]]),  # on the default device, which the device fixture sets
+        "device_array": ta.tensor([0.5, -0.25]).data,  # a bare array on that device, as an optimizer's state holds
         "ints": np.array([1, -2, 3], dtype=np.int64),
         "flags": np.array([True, False]),
         "scalar_array": np.array(3.5, dtype=np.float64),
@@ -40,7 +43,9 @@ def sample_state():
 
 def assert_same(loaded, original):
     if isinstance(original, ta.Tensor):
-        original = original.data
+        original = original.numpy()
+    elif backend.is_array(original):
+        original = backend.to_host(original)  # a checkpoint loads every array on the host
     if isinstance(original, np.ndarray):
         assert isinstance(loaded, np.ndarray)
         assert loaded.dtype == original.dtype and loaded.shape == original.shape

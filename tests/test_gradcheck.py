@@ -5,6 +5,8 @@ import pytest
 import tinyattn as ta
 from tinyattn.ops import Exp
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 
 class WrongExp(Exp):
     """exp with a deliberately wrong backward: off by a factor of 2."""
@@ -31,7 +33,8 @@ class LeakyZeroExp(Exp):
 
 
 def inputs(*shape, seed=0):
-    return [ta.tensor(np.random.default_rng(seed).standard_normal(shape), requires_grad=True)]
+    """One float64 input on the default device, which the device fixture sets."""
+    return [ta.tensor(np.random.default_rng(seed).standard_normal(shape), requires_grad=True, device=ta.get_default_device())]
 
 
 def test_correct_rule_passes_dense_and_fast():
@@ -80,5 +83,5 @@ def test_inputs_are_restored_after_the_check():
 
 def test_multiple_outputs_and_non_differentiable_inputs():
     x = inputs(2, 3)[0]
-    mask = ta.tensor(np.array([[True, False, True], [False, True, True]]))
+    mask = ta.tensor([[True, False, True], [False, True, True]])
     assert ta.gradcheck(lambda x, m: (x.masked_fill(m, 0.0), x.sum(axis=0)), [x, mask])

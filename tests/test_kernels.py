@@ -20,11 +20,18 @@ from tinyattn.kernels.layer_norm import DeferredLayerNorm
 from tinyattn.parallel import ShardedBackward
 from tinyattn.tasks import SequenceTask
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 RNG = np.random.default_rng(7)
 
 
+def on_device(array, **options):
+    """A tensor of host `array` on the default device, which the device fixture sets (ta.tensor keeps a numpy array on the cpu)."""
+    return ta.tensor(array, device=ta.get_default_device(), **options)
+
+
 def randn(*shape, grad=True, scale=1.0):
-    return ta.tensor(scale * RNG.standard_normal(shape), requires_grad=grad)
+    return on_device(scale * RNG.standard_normal(shape), requires_grad=grad)
 
 
 def on_both_paths(fn, inputs, upstreams):
@@ -35,7 +42,7 @@ def on_both_paths(fn, inputs, upstreams):
         with kernels.use(path):
             outputs = fn(*inputs)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            loss = sum((output * ta.tensor(upstream)).sum() for output, upstream in zip(outputs, upstreams))
+            loss = sum((output * on_device(upstream)).sum() for output, upstream in zip(outputs, upstreams))
             grads = ta.grad(loss, inputs, allow_unused=True)
         results[path] = [o.numpy() for o in outputs] + [None if g is None else g.numpy() for g in grads]
     return results
@@ -53,7 +60,7 @@ def assert_paths_agree(fn, inputs, output_shapes, rtol=1e-10, atol=1e-12):
 def random_parameters(module):
     """Parameters away from their initial values (norms' 1 and 0 included), so that every term matters."""
     for p in module.parameters():
-        p.data[...] = RNG.standard_normal(p.shape) * 0.5
+        p.data[...] = ta.tensor(RNG.standard_normal(p.shape) * 0.5, dtype=p.dtype, device=p.device).data
     return module
 
 
@@ -76,7 +83,7 @@ def test_a_deferred_layer_norm_is_computed_once_when_read_and_keeps_its_grad_mod
     assert normalized.data is first and normalized.grad_fn is not None
     with kernels.use("composed"):
         expected = F.layer_norm(x, w, b)
-    np.testing.assert_allclose(first, expected.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(normalized.numpy(), expected.numpy(), rtol=1e-12)  # .numpy() reads `first`, computed once
     normalized.sum().backward()
     assert w.grad is not None and x.grad is not None
 
@@ -86,14 +93,14 @@ def test_a_deferred_layer_norm_is_computed_once_when_read_and_keeps_its_grad_mod
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_paths_agree(ignore_index, smoothing, reduction):
     logits = randn(2, 4, 6, scale=3.0)
-    targets = ta.tensor(np.array([[1, 0, 5, 2], [0, 0, 3, 4]]))
+    targets = on_device(np.array([[1, 0, 5, 2], [0, 0, 3, 4]]))
     options = dict(ignore_index=ignore_index, label_smoothing=smoothing, reduction=reduction)
     assert_paths_agree(lambda z: F.cross_entropy(z, targets, **options), [logits], [(2, 4) if reduction == "none" else ()])
     assert ta.gradcheck(lambda z: F.cross_entropy(z, targets, **options), [logits])
 
 
 def test_fused_cross_entropy_is_stable_for_huge_logits():
-    logits = ta.tensor(np.array([[1e4, 0.0, -1e4]], dtype=np.float32), requires_grad=True)
+    logits = on_device(np.array([[1e4, 0.0, -1e4]], dtype=np.float32), requires_grad=True)
     loss = F.cross_entropy(logits, ta.tensor([1]))
     loss.backward()
     assert loss.item() == pytest.approx(1e4, rel=1e-6)
@@ -105,7 +112,7 @@ def test_fused_cross_entropy_is_stable_for_huge_logits():
 def test_feed_forward_paths_agree(activation, dropout):
     """Two layers built alike, one per path: with dropout they draw the same masks from generators seeded alike."""
     x = randn(2, 3, 6)
-    upstream = ta.tensor(RNG.standard_normal((2, 3, 6)))
+    upstream = on_device(RNG.standard_normal((2, 3, 6)))
     results = {}
     for path in kernels.CHOICES:
         layer = nn.FeedForward(6, 10, dropout=dropout, activation=activation, generator=ta.Generator(4), dtype=ta.float64)
@@ -144,8 +151,13 @@ def test_a_block_after_a_layer_norm_folds_the_norm_and_equals_norm_then_block(su
 
 # --- attention ------------------------------------------------------------------------------------
 
-PADDING = ta.tensor(np.array([[True] * 5, [True, True, False, False, False]]))[:, None, None, :]
-FULLY_MASKED_ROW = ta.tensor(np.array([[[True] * 4, [False] * 4, [True, True, False, False]]]))
+# Masks as host arrays: each test puts its mask on the device it runs on (mask_on_device).
+PADDING = np.array([[True] * 5, [True, True, False, False, False]])[:, None, None, :]
+FULLY_MASKED_ROW = np.array([[[True] * 4, [False] * 4, [True, True, False, False]]])
+
+
+def mask_on_device(mask):
+    return None if mask is None else on_device(mask)
 
 
 @pytest.mark.parametrize("mask, causal, return_weights", [
@@ -153,6 +165,8 @@ FULLY_MASKED_ROW = ta.tensor(np.array([[[True] * 4, [False] * 4, [True, True, Fa
     ids=["plain", "causal, weights", "a fully masked row, weights", "masked and causal"])
 def test_scaled_dot_product_attention_paths_agree(mask, causal, return_weights):
     q, k, v = randn(2, 3, 4), randn(2, 4, 4), randn(2, 4, 4)
+    mask = mask_on_device(mask)
+
     def attend(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, mask=mask, causal=causal, return_weights=return_weights)
     shapes = [(2, 3, 4), (2, 3, 4)] if return_weights else [(2, 3, 4)]
@@ -164,7 +178,7 @@ def test_scaled_dot_product_attention_paths_agree(mask, causal, return_weights):
 def test_attention_rows_far_below_the_block_maximum_fall_back_to_per_row_softmax():
     q = RNG.standard_normal((1, 1, 3, 4))
     q[0, 0, 0] *= 400.0  # scores of row 0 dwarf the others: their exp would underflow against the block max
-    q = ta.tensor(q, requires_grad=True)
+    q = on_device(q, requires_grad=True)
     k, v = randn(1, 1, 3, 4), randn(1, 1, 3, 4)
     assert_paths_agree(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [q, k, v], [(1, 1, 3, 4)])
     weights = F.scaled_dot_product_attention(q, k, v, return_weights=True)[1].numpy()
@@ -179,6 +193,7 @@ def test_multi_head_attention_paths_agree_on_output_and_weights(cross, mask, cau
     layer = random_parameters(nn.MultiHeadAttention(8, 2, bias=bias, generator=ta.Generator(3), dtype=ta.float64))
     x, context = randn(2, 4, 8), randn(2, 5, 8)
     source = 5 if cross else 4
+    mask = mask_on_device(mask)
 
     def run(x, context, *params):
         return layer(x, context=context if cross else None, mask=mask, causal=causal, need_weights=True)
@@ -202,7 +217,7 @@ def test_multi_head_attention_dropout_is_the_same_on_both_paths_with_the_same_se
 def test_whole_layers_agree_with_norms_folded(layer_class):
     layer = random_parameters(layer_class(8, 2, 12, generator=ta.Generator(9), dtype=ta.float64))
     x, memory = randn(2, 4, 8), randn(2, 5, 8)
-    mask = ta.tensor(np.array([[True] * 5, [True, True, True, False, False]]))[:, None, None, :]
+    mask = on_device(np.array([[True] * 5, [True, True, True, False, False]]))[:, None, None, :]
     if layer_class is nn.DecoderLayer:
         run = lambda x, memory, *ps: layer(x, memory, memory_mask=mask)[0]  # noqa: E731
     else:
@@ -236,9 +251,10 @@ def test_gru_cell_paths_agree():
     assert_paths_agree(lambda x, h, *ps: cell(x, h), [randn(2, 3), randn(2, 4), *cell.parameters()], [(2, 4)])
 
 
-@pytest.mark.parametrize("mask", [None, ta.tensor(np.array([[True, True, False], [False, False, False]]))],
+@pytest.mark.parametrize("mask", [None, np.array([[True, True, False], [False, False, False]])],
                          ids=["no mask", "padding and a row without keys"])
 def test_additive_attention_paths_agree_on_context_and_weights(mask):
+    mask = mask_on_device(mask)
     attention = nn.AdditiveAttention(4, 4, 6, generator=ta.Generator(6), dtype=ta.float64)
     inputs = [randn(2, 4), randn(2, 3, 4), *attention.parameters()]
     assert_paths_agree(lambda q, k, *ps: attention(q, k, mask=mask), inputs, [(2, 4), (2, 3)])
@@ -309,7 +325,7 @@ def test_the_switch_carries_into_the_threads_of_a_sharded_step(function_calls):
         net.zero_grad()
         with kernels.use(path):
             loss, _ = forward_backward(net, net.parameters(), batch, ShardedBackward(2))
-        results[path] = loss, [p.grad.numpy() for p in net.parameters()]
+        results[path] = loss.item(), [p.grad.numpy() for p in net.parameters()]
     assert results["fused"][0] == pytest.approx(results["composed"][0], rel=1e-5)
     for fused, composed in zip(results["fused"][1], results["composed"][1]):
         np.testing.assert_allclose(fused, composed, rtol=1e-3, atol=1e-5)

@@ -7,6 +7,8 @@ from models import Config, build_model
 from models.gpt import language_model_batch
 from tinyattn.tasks import BOS, EOS, PAD, SEP, SequenceTask
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 TASK = SequenceTask("reverse", vocab=6, min_len=1, max_len=6)
 CONFIG = dict(d_model=16, heads=2, d_ff=32, dropout=0.0, seed=3, layers=2, max_len=6)
 

@@ -8,20 +8,28 @@ import tinyattn as ta
 from tinyattn import nn
 from tinyattn.nn import init
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+cpu_only = pytest.mark.parametrize("device", ["cpu"], indirect=True)  # overrides the module's two devices
+
 
 def rng_array(*shape, seed=0):
     return np.random.default_rng(1000 + seed).standard_normal(shape)
 
 
+def on_device(array, **options):
+    """A tensor of host `array` on the default device, which the device fixture sets (ta.tensor keeps a numpy array on the cpu)."""
+    return ta.tensor(array, device=ta.get_default_device(), **options)
+
+
 def x64(*shape, seed=0, requires_grad=True):
-    return ta.tensor(rng_array(*shape, seed=seed), requires_grad=requires_grad)
+    return on_device(rng_array(*shape, seed=seed), requires_grad=requires_grad)
 
 
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
         self.first = nn.Linear(3, 4, generator=ta.Generator(0))
-        self.scale = nn.Parameter(np.ones(4, dtype=np.float32))
+        self.scale = nn.Parameter(ta.ones(4))
         self.norm = nn.LayerNorm(4)
         self.drop = nn.Dropout(0.5, generator=ta.Generator(0))
 
@@ -181,12 +189,14 @@ def test_load_state_dict_non_strict_tolerates_missing_and_unexpected():
     assert not np.array_equal(old_bias, a[2].bias.numpy())
 
 
-def test_to_cpu_and_parameter_is_tensor():
+def test_to_cpu_and_parameter_is_tensor(device):
     model = mlp(0)
     x = ta.randn(2, 3, generator=ta.Generator(1))
     before = model(x).numpy()
     assert model.to("cpu") is model
     assert all(p.device == "cpu" for p in model.parameters())
+    np.testing.assert_allclose(model(x.to("cpu")).numpy(), before, rtol=1e-6, atol=1e-7)  # a GPU's BLAS may round apart
+    assert model.to(device) is model and all(p.device == device for p in model.parameters())
     np.testing.assert_array_equal(model(x).numpy(), before)
     p = nn.Parameter(np.zeros((2, 3)))
     assert isinstance(p, ta.Tensor)
@@ -206,11 +216,11 @@ def test_linear_forward_matches_numpy():
     x = rng_array(5, 4).astype(np.float32)
     w, b = layer.weight.numpy(), layer.bias.numpy()
     expected = x @ w.T + b
-    out = layer(ta.tensor(x))
+    out = layer(on_device(x))
     assert out.shape == (5, 3)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
     x3 = rng_array(2, 5, 4, seed=1).astype(np.float32)
-    np.testing.assert_allclose(layer(ta.tensor(x3)).numpy(), x3 @ w.T + b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer(on_device(x3)).numpy(), x3 @ w.T + b, rtol=1e-5, atol=1e-6)
 
 
 def test_linear_without_bias():
@@ -218,7 +228,7 @@ def test_linear_without_bias():
     assert layer.bias is None
     assert [name for name, _ in layer.named_parameters()] == ["weight"]
     x = rng_array(5, 4).astype(np.float32)
-    np.testing.assert_allclose(layer(ta.tensor(x)).numpy(), x @ layer.weight.numpy().T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer(on_device(x)).numpy(), x @ layer.weight.numpy().T, rtol=1e-5, atol=1e-6)
 
 
 def test_linear_init_bound():
@@ -270,12 +280,13 @@ def test_embedding_lookup():
     emb = nn.Embedding(10, 4, generator=ta.Generator(0))
     assert emb.weight.shape == (10, 4)
     ids = np.array([[1, 5, 1], [9, 0, 3]])
-    out = emb(ta.tensor(ids))
+    out = emb(on_device(ids))
     assert out.shape == (2, 3, 4)
     np.testing.assert_array_equal(out.numpy(), emb.weight.numpy()[ids])
     np.testing.assert_array_equal(out.numpy()[0, 1], emb.weight.numpy()[5])
 
 
+@cpu_only  # ids are range-checked on the host only: on a GPU the check would sync every lookup (ops.check_ids_in_range)
 @pytest.mark.parametrize("bad", [-1, -3, 12, 17])
 def test_embedding_out_of_range(bad):
     emb = nn.Embedding(10, 4, generator=ta.Generator(0))
@@ -293,7 +304,7 @@ def test_embedding_repeated_ids_accumulate():
     emb = nn.Embedding(5, 3, generator=ta.Generator(0), dtype=ta.float64)
     ids = np.array([2, 0, 2, 2, 4])
     g = rng_array(5, 3, seed=2)
-    emb(ta.tensor(ids)).backward(g)
+    emb(on_device(ids)).backward(g)
     expected = np.zeros((5, 3))
     expected[2] = g[0] + g[2] + g[3]
     expected[0] = g[1]
@@ -313,13 +324,12 @@ def test_layer_norm_matches_numpy():
     ln = nn.LayerNorm(6, eps=1e-5, dtype=ta.float64)
     np.testing.assert_array_equal(ln.weight.numpy(), np.ones(6))
     np.testing.assert_array_equal(ln.bias.numpy(), np.zeros(6))
-    ln.weight.data[...] = rng_array(6, seed=1)
-    ln.bias.data[...] = rng_array(6, seed=2)
+    ln.load_state_dict({"weight": rng_array(6, seed=1), "bias": rng_array(6, seed=2)})
     x = rng_array(2, 3, 6, seed=3) * 3 + 1
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
     expected = (x - mean) / np.sqrt(var + 1e-5) * ln.weight.numpy() + ln.bias.numpy()
-    out = ln(ta.tensor(x))
+    out = ln(on_device(x))
     assert out.shape == x.shape
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
 
@@ -329,7 +339,7 @@ def test_layer_norm_eps_used():
     x = np.array([[1.0, 2.0, 3.0, 4.0]])
     var = x.var(axis=-1, keepdims=True)  # 1.25
     expected = (x - 2.5) / np.sqrt(var + 1.0)
-    np.testing.assert_allclose(ln(ta.tensor(x)).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(ln(on_device(x)).numpy(), expected, rtol=1e-12)
 
 
 def test_layer_norm_wrong_last_dim():
@@ -340,8 +350,7 @@ def test_layer_norm_wrong_last_dim():
 
 def test_layer_norm_gradcheck():
     ln = nn.LayerNorm(4, dtype=ta.float64)
-    ln.weight.data[...] = rng_array(4, seed=1)
-    ln.bias.data[...] = rng_array(4, seed=2)
+    ln.load_state_dict({"weight": rng_array(4, seed=1), "bias": rng_array(4, seed=2)})
     x = x64(2, 3, 4, seed=3)
     assert ta.gradcheck(lambda x, *ps: ln(x), [x, *ln.parameters()])
 
@@ -358,7 +367,7 @@ def test_dropout_eval_is_identity():
 def test_dropout_train_statistics_and_scale():
     drop = nn.Dropout(0.5, generator=ta.Generator(0))
     assert drop.training
-    x = ta.tensor(np.linspace(1.0, 2.0, 10_000).reshape(100, 100))
+    x = on_device(np.linspace(1.0, 2.0, 10_000).reshape(100, 100))
     out = drop(x).numpy()
     zero = out == 0
     assert 0.45 <= zero.mean() <= 0.55
@@ -367,7 +376,7 @@ def test_dropout_train_statistics_and_scale():
 
 def test_dropout_gradient_uses_mask():
     drop = nn.Dropout(0.25, generator=ta.Generator(3))
-    x = ta.tensor(np.ones((40, 40)), requires_grad=True)
+    x = on_device(np.ones((40, 40)), requires_grad=True)
     out = drop(x)
     out.sum().backward()
     kept = out.numpy() != 0
@@ -393,17 +402,17 @@ def test_dropout_bad_p(p):
 
 def test_relu_module():
     x = rng_array(4, 5)
-    out = nn.ReLU()(ta.tensor(x)).numpy()
+    out = nn.ReLU()(on_device(x)).numpy()
     np.testing.assert_array_equal(out, np.maximum(x, 0))
-    np.testing.assert_array_equal(out, ta.relu(ta.tensor(x)).numpy())
+    np.testing.assert_array_equal(out, ta.relu(on_device(x)).numpy())
 
 
 def test_gelu_module():
     x = rng_array(4, 5) * 3
     expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
-    out = nn.GELU()(ta.tensor(x)).numpy()
+    out = nn.GELU()(on_device(x)).numpy()
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-15)
-    np.testing.assert_array_equal(out, ta.gelu(ta.tensor(x)).numpy())
+    np.testing.assert_array_equal(out, ta.gelu(on_device(x)).numpy())
 
 
 def test_sequential_applies_in_order():
@@ -412,7 +421,7 @@ def test_sequential_applies_in_order():
     w0, b0 = model[0].weight.numpy(), model[0].bias.numpy()
     w2, b2 = model[2].weight.numpy(), model[2].bias.numpy()
     expected = np.maximum(x @ w0.T + b0, 0) @ w2.T + b2
-    np.testing.assert_allclose(model(ta.tensor(x)).numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model(on_device(x)).numpy(), expected, rtol=1e-5, atol=1e-6)
 
     class AddOne(nn.Module):
         def forward(self, x):
@@ -422,7 +431,7 @@ def test_sequential_applies_in_order():
         def forward(self, x):
             return x * 2.0
 
-    t = ta.tensor(np.array([1.0, 2.0]))
+    t = on_device(np.array([1.0, 2.0]))
     np.testing.assert_array_equal(nn.Sequential(AddOne(), Double())(t).numpy(), [4.0, 6.0])
     np.testing.assert_array_equal(nn.Sequential(Double(), AddOne())(t).numpy(), [3.0, 5.0])
 

@@ -7,6 +7,8 @@ import pytest
 
 import tinyattn as ta
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 # --- inputs -----------------------------------------------------------------------------
 
 SEED = 1234
@@ -29,12 +31,13 @@ def nonzero(*shape, seed=0):
 
 
 def leaf(array, requires_grad=True):
-    return ta.tensor(array, requires_grad=requires_grad)
+    """`array` as a tensor on the default device, which the device fixture sets."""
+    return ta.tensor(array, requires_grad=requires_grad, device=ta.get_default_device())
 
 
-def view_leaf(array):
-    """A leaf over the array itself, strides and all (ta.tensor would copy it contiguous)."""
-    return ta.Tensor(array, requires_grad=True)
+def view_leaf(array, view):
+    """A leaf over `view` of `array` on the default device, strides and all (ta.tensor would copy a view contiguous)."""
+    return ta.Tensor(view(leaf(array).data), requires_grad=True)
 
 
 def check_forward(result, expected, dtype=None):
@@ -231,7 +234,7 @@ def test_reused_input_gradient_values():
 NONCONTIGUOUS = {
     "exp": lambda x: x.exp(),
     "matmul": lambda x: x @ x.T,
-    "reshape": lambda x: x.reshape(-1) * ta.tensor(np.arange(x.size, dtype=np.float64)),
+    "reshape": lambda x: x.reshape(-1) * ta.tensor(np.arange(x.size, dtype=np.float64), device=x.device),
     "transpose": lambda x: x.T * x.T,
     "sum_axis": lambda x: (x * x).sum(axis=0),
     "getitem": lambda x: x[::-1, 1:] * 2,
@@ -239,27 +242,30 @@ NONCONTIGUOUS = {
 }
 
 
-def _transposed():
-    return normal(4, 3).T
+def transposed(array):
+    return array.T
 
 
-def _strided():
-    return normal(3, 6)[:, ::2]
+def every_other_column(array):
+    return array[:, ::2]
 
 
-@pytest.mark.parametrize("make", [_transposed, _strided], ids=["transposed", "strided"])
+VIEWS = {"transposed": (transposed, (4, 3)), "strided": (every_other_column, (3, 6))}
+
+
+@pytest.mark.parametrize("view", VIEWS)
 @pytest.mark.parametrize("name", NONCONTIGUOUS)
-def test_noncontiguous_input(name, make):
-    array = make()
-    assert not array.flags.c_contiguous
-    x = view_leaf(array)
+def test_noncontiguous_input(name, view):
+    make_view, shape = VIEWS[view]
+    array = normal(*shape)
+    x = view_leaf(array, make_view)
     assert not x.data.flags.c_contiguous
-    check_forward(NONCONTIGUOUS[name](x), NONCONTIGUOUS[name](leaf(np.ascontiguousarray(array))).numpy())
+    check_forward(NONCONTIGUOUS[name](x), NONCONTIGUOUS[name](leaf(np.ascontiguousarray(make_view(array)))).numpy())
     assert ta.gradcheck(NONCONTIGUOUS[name], [x])
 
 
 def test_noncontiguous_binary_operands():
-    a, b = view_leaf(_transposed()), view_leaf(normal(3, 8)[:, ::2])
+    a, b = view_leaf(normal(4, 3), transposed), view_leaf(normal(3, 8), every_other_column)
     assert not a.data.flags.c_contiguous and not b.data.flags.c_contiguous
     assert ta.gradcheck(lambda a, b: a * b + a / (b * b + 1), [a, b])
 
@@ -427,7 +433,7 @@ def test_getitem_repeated_indices_accumulate():
     expected[3] = 1
     np.testing.assert_array_equal(x.grad.numpy(), expected)
     y = leaf(normal(4, 2))
-    (y[ta.tensor([0, 0])] * ta.tensor(np.array([[1.0, 2.0], [3.0, 4.0]]))).sum().backward()
+    (y[ta.tensor([0, 0])] * leaf(np.array([[1.0, 2.0], [3.0, 4.0]]), requires_grad=False)).sum().backward()
     np.testing.assert_array_equal(y.grad.numpy()[0], [4.0, 6.0])
     np.testing.assert_array_equal(y.grad.numpy()[1:], 0.0)
 
@@ -491,7 +497,7 @@ MASKS = {
 def test_where_forward_and_gradcheck(mask):
     condition = MASKS[mask]
     a, b = normal(2, 3, seed=1), normal(3, seed=2)
-    cond = ta.tensor(condition)
+    cond = leaf(condition, requires_grad=False)
     check_forward(ta.where(cond, leaf(a), leaf(b)), np.where(condition, a, b))
     assert ta.gradcheck(lambda a, b: ta.where(cond, a, b), [leaf(a), leaf(b)])
     # A broadcast operand of shape (1,) and a Python scalar on the other side.
@@ -504,7 +510,7 @@ def test_where_forward_and_gradcheck(mask):
 def test_masked_fill_forward_and_gradcheck(mask):
     condition = MASKS[mask]
     x = normal(2, 3)
-    cond = ta.tensor(condition)
+    cond = leaf(condition, requires_grad=False)
     expected = np.where(condition, -1e9, x)
     check_forward(ta.masked_fill(leaf(x), cond, -1e9), expected)
     check_forward(leaf(x).masked_fill(cond, -1e9), expected)
@@ -513,7 +519,7 @@ def test_masked_fill_forward_and_gradcheck(mask):
 
 def test_masked_fill_gradient_is_zero_where_masked():
     x = leaf(normal(2, 3))
-    cond = ta.tensor(MASKS["row"])
+    cond = leaf(MASKS["row"], requires_grad=False)
     x.masked_fill(cond, 7.0).sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), np.broadcast_to(~MASKS["row"], (2, 3)).astype(float))
 
@@ -552,10 +558,10 @@ def test_comparisons(name):
                                            ("float64", "int64"), ("float64", "float64"), ("bool", "float32")])
 def test_astype_forward(source, target):
     x = (normal(2, 3) * 3).astype(source)
-    result = ta.tensor(x).astype(target)
+    result = leaf(x, requires_grad=False).astype(target)
     assert result.dtype == np.dtype(target)
     np.testing.assert_array_equal(result.numpy(), x.astype(target))
-    assert ta.tensor(x).astype(getattr(ta, target)).dtype == np.dtype(target)
+    assert leaf(x, requires_grad=False).astype(getattr(ta, target)).dtype == np.dtype(target)
 
 
 def test_astype_gradient():
@@ -563,10 +569,10 @@ def test_astype_gradient():
     assert ta.gradcheck(lambda x: x.astype(ta.float32).astype(ta.float64) * 3.0, [leaf(normal(2, 3))],
                         eps=1e-2, atol=1e-4)
     x = leaf(normal(2, 3).astype(np.float32))
-    (x.astype(ta.float64) * ta.tensor(normal(2, 3, seed=1))).sum().backward()
+    (x.astype(ta.float64) * leaf(normal(2, 3, seed=1), requires_grad=False)).sum().backward()
     assert x.grad.dtype == ta.float32
     np.testing.assert_allclose(x.grad.numpy(), normal(2, 3, seed=1).astype(np.float32))
-    assert not ta.tensor(normal(2)).astype(ta.int64).requires_grad
+    assert not leaf(normal(2), requires_grad=False).astype(ta.int64).requires_grad
     assert not leaf(normal(2)).astype(ta.int64).requires_grad
 
 
@@ -609,13 +615,24 @@ def test_gradcheck_catches_a_wrong_gradient():
     """The checker itself must fail on a wrong backward, or the tests above prove nothing."""
     class WrongExp(ta.Function):
         def forward(self, x):
-            return np.exp(x)
+            return self.xp.exp(x)
 
         def backward(self, grad):
             return grad * self.output * 1.01
 
     with pytest.raises(ta.GradcheckError):
         ta.gradcheck(lambda x: WrongExp.apply(x), [leaf(normal(2, 3))])
+
+
+# --- device synchronisation ---------------------------------------------------------------
+
+def test_ops_and_their_gradients_read_nothing_back_from_the_device(sync_counter):
+    """A read of device data on the host stalls a GPU until its queued work is done: no op may make one."""
+    x, rows = leaf(normal(3, 4)), ta.tensor([2, 0, 2])
+    peaks = (x[rows].exp() @ x.T).max(axis=1) + ta.where(x > 0, x, 0.0).var(axis=1)[rows]
+    joined = ta.concatenate([peaks, ta.maximum(x, 0.1).min(axis=0), (x[:, ::2].sigmoid() / 3).reshape(-1)])
+    (ta.stack([joined, joined.clip(-1, 1)]).mean() + abs(x).astype(ta.float32).sum()).backward()
+    assert sync_counter.count == 0
 
 
 # --- dtypes -----------------------------------------------------------------------------
@@ -662,7 +679,7 @@ def test_float32_stays_float32_and_grads_are_float32(name):
 @pytest.mark.parametrize("float_first", [True, False], ids=["f32_op_i64", "i64_op_f32"])
 def test_float32_with_int64_tensor_is_float32(op, reference, float_first):
     x = leaf(nonzero(2, 3).astype(np.float32))
-    n = ta.tensor(np.array([[1, 2, 3], [-4, 5, 6]]))
+    n = leaf(np.array([[1, 2, 3], [-4, 5, 6]]), requires_grad=False)
     assert n.dtype == ta.int64
     result = op(x, n) if float_first else op(n, x)
     n32 = n.numpy().astype(np.float32)
@@ -676,7 +693,7 @@ def test_float32_with_int64_tensor_is_float32(op, reference, float_first):
 
 def test_float32_matmul_with_int64_and_python_scalars():
     x = leaf(normal(2, 3).astype(np.float32))
-    n = ta.tensor(np.arange(6).reshape(3, 2))
+    n = leaf(np.arange(6).reshape(3, 2), requires_grad=False)
     out = (x @ n) * 0.5 + 1
     assert out.dtype == ta.float32
     out.sum().backward()

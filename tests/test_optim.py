@@ -5,20 +5,27 @@ import numpy as np
 import pytest
 
 import tinyattn as ta
-from tinyattn import optim
+from tinyattn import backend, optim
+
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
 
 P0 = np.array([[0.5, -1.0, 2.0], [0.0, 3.0, -0.25]])
 G1 = np.array([[0.1, -0.2, 0.3], [-0.4, 0.5, 0.0]])
 G2 = np.array([[-0.3, 0.1, 0.2], [0.6, -0.1, 0.7]])
 
 
+def on_device(array, **options):
+    """A tensor of host `array` on the default device, which the device fixture sets (ta.tensor keeps a numpy array on the cpu)."""
+    return ta.tensor(array, device=ta.get_default_device(), **options)
+
+
 def param(values=P0, dtype=np.float64):
-    return ta.tensor(np.array(values, dtype=dtype), requires_grad=True)
+    return on_device(np.array(values, dtype=dtype), requires_grad=True)
 
 
 def run_steps(optimizer, p, grads):
     for grad in grads:
-        p.grad = ta.tensor(np.array(grad, dtype=p.dtype))
+        p.grad = on_device(np.array(grad, dtype=p.dtype))
         optimizer.step()
 
 
@@ -93,9 +100,9 @@ def test_adamw_default_weight_decay_is_pytorchs():
 def test_adam_bias_correction_counts_steps_per_parameter():
     late, early = param(), param()
     opt = optim.Adam([late, early], lr=0.01)
-    early.grad = ta.tensor(G1)
+    early.grad = on_device(G1)
     opt.step()
-    late.grad = ta.tensor(G2)
+    late.grad = on_device(G2)
     opt.step()
     # `late` took its first step at the optimizer's second, so it moves as a first step does.
     np.testing.assert_allclose(late.numpy(), P0 - 0.01 * G2 / (np.abs(G2) + 1e-8), rtol=0, atol=1e-15)
@@ -118,12 +125,12 @@ def test_float32_params_and_state_stay_float32_and_are_updated_in_place(make):
     assert not np.array_equal(p.numpy(), P0.astype(np.float32))
     assert type(opt.lr) is float
     for value in opt.state_dict()["state"]["0"].values():
-        assert not isinstance(value, np.ndarray) or value.dtype == np.float32
+        assert not backend.is_array(value) or value.dtype == np.float32
 
 
 def test_zero_grad_clears_every_grad():
     a, b = param(), param()
-    a.grad, b.grad = ta.tensor(G1), ta.tensor(G2)
+    a.grad, b.grad = on_device(G1), on_device(G2)
     optim.SGD([a, b], lr=0.1).zero_grad()
     assert a.grad is None and b.grad is None
 
@@ -132,7 +139,7 @@ def test_zero_grad_clears_every_grad():
 def test_params_without_grad_are_left_alone(cls):
     with_grad, without_grad = param(), param()
     opt = cls([with_grad, without_grad], lr=0.1, weight_decay=0.1)
-    with_grad.grad = ta.tensor(G1)
+    with_grad.grad = on_device(G1)
     opt.step()
     np.testing.assert_array_equal(without_grad.numpy(), P0)
     assert not np.array_equal(with_grad.numpy(), P0)
@@ -144,7 +151,7 @@ def test_optimizer_trains_through_backward():
     opt = optim.Adam([p], lr=0.1)
     for _ in range(300):
         opt.zero_grad()
-        ((p - ta.tensor(target)) ** 2).sum().backward()
+        ((p - on_device(target)) ** 2).sum().backward()
         opt.step()
     np.testing.assert_allclose(p.numpy(), target, atol=1e-2)
 
@@ -162,7 +169,7 @@ def test_state_dict_round_trip_resumes_bit_identically(make):
     opt_a = make(a)
     for grad in grads[:3]:
         for p in a:
-            p.grad = ta.tensor(grad * p.data)
+            p.grad = on_device(grad) * p.detach()
         opt_a.step()
     saved = opt_a.state_dict()
     b = [param(p.numpy().copy(), dtype=np.float32) for p in a]
@@ -173,7 +180,7 @@ def test_state_dict_round_trip_resumes_bit_identically(make):
     for grad in grads[3:]:
         for params, opt in ((a, opt_a), (b, opt_b)):
             for p in params:
-                p.grad = ta.tensor(grad * p.data)
+                p.grad = on_device(grad) * p.detach()
             opt.step()
     for pa, pb in zip(a, b):
         np.testing.assert_array_equal(pa.numpy(), pb.numpy())
@@ -186,9 +193,9 @@ def test_state_dict_holds_plain_values_and_copies():
     saved = opt.state_dict()
     assert type(saved["step"]) is int and type(saved["lr"]) is float
     assert saved["betas"] == (0.9, 0.999) and saved["eps"] == 1e-8 and saved["weight_decay"] == 0.0
-    exp_avg = saved["state"]["0"]["exp_avg"].copy()
+    exp_avg = backend.to_host(saved["state"]["0"]["exp_avg"]).copy()
     run_steps(opt, p, [G2])
-    np.testing.assert_array_equal(saved["state"]["0"]["exp_avg"], exp_avg)
+    np.testing.assert_array_equal(backend.to_host(saved["state"]["0"]["exp_avg"]), exp_avg)
     assert saved["step"] == 1
 
 
@@ -197,11 +204,11 @@ def test_load_state_dict_copies_so_the_saved_dict_is_not_mutated():
     opt = optim.SGD([p], lr=0.1, momentum=0.9)
     run_steps(opt, p, [G1])
     saved = opt.state_dict()
-    buffer = saved["state"]["0"]["momentum"].copy()
+    buffer = backend.to_host(saved["state"]["0"]["momentum"]).copy()
     loaded = optim.SGD([q], lr=0.1, momentum=0.9)
     loaded.load_state_dict(saved)
     run_steps(loaded, q, [G2])
-    np.testing.assert_array_equal(saved["state"]["0"]["momentum"], buffer)
+    np.testing.assert_array_equal(backend.to_host(saved["state"]["0"]["momentum"]), buffer)
 
 
 def test_load_state_dict_restores_the_hyperparameters():
@@ -259,15 +266,16 @@ def test_bad_hyperparameters_are_named(make, message):
 
 def grads_with_norm_13(dtype=np.float64):
     a, b, no_grad = param(np.zeros(2), dtype), param(np.zeros(1), dtype), param(np.zeros(4), dtype)
-    a.grad = ta.tensor(np.array([3.0, 4.0], dtype=dtype))
-    b.grad = ta.tensor(np.array([12.0], dtype=dtype))
+    a.grad = on_device(np.array([3.0, 4.0], dtype=dtype))
+    b.grad = on_device(np.array([12.0], dtype=dtype))
     return [a, b, no_grad]
 
 
 def test_clip_grad_norm_scales_to_max_norm_and_returns_the_norm_before():
     params = grads_with_norm_13(np.float32)
     norm = optim.clip_grad_norm_(params, 1.3)
-    assert type(norm) is float and norm == pytest.approx(13.0, rel=1e-7)
+    assert isinstance(norm, ta.Tensor) and norm.shape == () and norm.dtype == np.float64  # stays on the device, as in PyTorch
+    assert norm.item() == pytest.approx(13.0, rel=1e-7)
     clipped = np.concatenate([params[0].grad.numpy(), params[1].grad.numpy()])
     assert clipped.dtype == np.float32
     assert np.linalg.norm(clipped.astype(np.float64)) == pytest.approx(1.3, abs=1e-5)
@@ -277,7 +285,7 @@ def test_clip_grad_norm_scales_to_max_norm_and_returns_the_norm_before():
 
 def test_clip_grad_norm_below_max_norm_changes_nothing():
     params = grads_with_norm_13()
-    assert optim.clip_grad_norm_(params, 20.0) == pytest.approx(13.0, rel=1e-15)
+    assert optim.clip_grad_norm_(params, 20.0).item() == pytest.approx(13.0, rel=1e-15)
     np.testing.assert_array_equal(params[0].grad.numpy(), [3.0, 4.0])
     np.testing.assert_array_equal(params[1].grad.numpy(), [12.0])
 
@@ -352,14 +360,14 @@ def test_flat_group_update_equals_per_parameter_update(make):
     rng = np.random.default_rng(3)
     shapes = [(3, 4), (4,), (2, 2, 2)]
     values = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    flat_params = [ta.tensor(v.copy(), requires_grad=True) for v in values]
-    single_params = [ta.tensor(v.copy(), requires_grad=True) for v in values]
-    idle = ta.tensor(np.zeros(2, dtype=np.float32), requires_grad=True)  # never has a grad: forces the per-parameter path
+    flat_params = [on_device(v.copy(), requires_grad=True) for v in values]
+    single_params = [on_device(v.copy(), requires_grad=True) for v in values]
+    idle = on_device(np.zeros(2, dtype=np.float32), requires_grad=True)  # never has a grad: forces the per-parameter path
     flat, single = make(flat_params), make(single_params + [idle])
     for _ in range(3):
         grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
         for p, q, g in zip(flat_params, single_params, grads):
-            p.grad, q.grad = ta.tensor(g), ta.tensor(g.copy())
+            p.grad, q.grad = on_device(g), on_device(g.copy())
         flat.step()
         single.step()
     for p, q in zip(flat_params, single_params):

@@ -6,12 +6,15 @@ import pytest
 
 import tinyattn as ta
 from models import Config, build_model
-from tinyattn import backend, cpu, nn, profiler
+from tinyattn import cpu, nn, profiler
 from tinyattn.functional import cross_entropy
 from tinyattn.parallel import ShardedBackward, default_shards
 from tinyattn.tasks import PAD, SequenceTask
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 needs_blas_control = pytest.mark.skipif(not cpu.can_limit_blas_threads(), reason="NumPy's BLAS thread count cannot be set here")
+cpu_only = pytest.mark.parametrize("device", ["cpu"], indirect=True)  # overrides the module's two devices
 
 
 def batch_of(rows, seed=0):
@@ -26,8 +29,9 @@ def test_split_keeps_every_row_once_in_order_with_the_padded_length():
     assert sum((part.sources for part in parts), []) == batch.sources
     assert sum((part.targets for part in parts), []) == batch.targets
     for name in ("source", "decoder_input", "labels"):
-        joined = np.concatenate([getattr(part, name).data for part in parts])
-        np.testing.assert_array_equal(joined, getattr(batch, name).data)
+        joined = np.concatenate([getattr(part, name).numpy() for part in parts])
+        np.testing.assert_array_equal(joined, getattr(batch, name).numpy())
+        assert {getattr(part, name).device for part in parts} == {getattr(batch, name).device}
 
 
 def test_split_into_more_parts_than_rows_gives_one_row_each_and_refuses_zero():
@@ -46,16 +50,16 @@ def linear_loss(model, scale):
 
 def whole_and_sharded_grads(shards):
     rng = np.random.default_rng(1)
-    x = ta.tensor(rng.standard_normal((8, 5)), dtype=ta.float64)
-    y = ta.tensor(rng.standard_normal((8, 3)), dtype=ta.float64)
+    x = ta.tensor(rng.standard_normal((8, 5)), dtype=ta.float64, device=ta.get_default_device())
+    y = ta.tensor(rng.standard_normal((8, 3)), dtype=ta.float64, device=ta.get_default_device())
     model = nn.Linear(5, 3, generator=ta.Generator(0), dtype=ta.float64)
     ((model(x) - y) ** 2).sum().backward()
-    whole = [p.grad.data.copy() for p in model.parameters()]
+    whole = [p.grad.numpy().copy() for p in model.parameters()]
     model.zero_grad()
     sharded = ShardedBackward(shards)
     parts = [(x[i:i + 8 // shards], y[i:i + 8 // shards]) for i in range(0, 8, 8 // shards)]
     outputs = sharded(linear_loss(model, 1.0), parts, model.parameters())
-    return whole, [p.grad.data for p in model.parameters()], outputs, model, sharded, parts
+    return whole, [p.grad.numpy() for p in model.parameters()], outputs, model, sharded, parts
 
 
 @pytest.mark.parametrize("shards", [1, 2, 4])
@@ -77,6 +81,7 @@ def test_shards_run_on_worker_threads_with_blas_held_to_its_share():
         assert [count for _, _, count in outputs] == [share, share]
 
 
+@cpu_only  # BLAS thread control is NumPy's, on the host
 @needs_blas_control
 def test_blas_threads_is_restored_after_the_block():
     before = cpu.blas_thread_count()
@@ -89,9 +94,10 @@ def test_sharded_gradients_add_to_existing_grads_as_backward_does():
     whole, _, _, model, sharded, parts = whole_and_sharded_grads(2)
     sharded(linear_loss(model, 1.0), parts, model.parameters())  # a second accumulation
     for expected, p in zip(whole, model.parameters()):
-        np.testing.assert_allclose(p.grad.data, 2 * expected, rtol=1e-12)
+        np.testing.assert_allclose(p.grad.numpy(), 2 * expected, rtol=1e-12)
 
 
+@cpu_only  # a loss on a GPU is not read back here (a sync per shard): the training step drops a non-finite step instead
 def test_a_non_finite_shard_loss_leaves_the_gradients_alone():
     _, _, _, model, sharded, parts = whole_and_sharded_grads(2)
     model.zero_grad()
@@ -154,7 +160,7 @@ def test_models_sharded_loss_and_gradients_match_the_whole_batch(kind):
     logits, labels = model.forward_batch(batch)
     loss = cross_entropy(logits, labels, ignore_index=PAD)
     loss.backward()
-    whole = [p.grad.data.copy() for p in model.parameters()]
+    whole = [p.grad.numpy().copy() for p in model.parameters()]
     model.zero_grad()
     scale = 1.0 / batch.num_tokens
 
@@ -165,4 +171,4 @@ def test_models_sharded_loss_and_gradients_match_the_whole_batch(kind):
     outputs = ShardedBackward(2)(loss_of, batch.split(2), model.parameters())
     assert sum(out[0].item() for out in outputs) == pytest.approx(loss.item(), rel=1e-5)
     for expected, p in zip(whole, model.parameters()):
-        np.testing.assert_allclose(p.grad.data, expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-4, atol=1e-6)

@@ -7,11 +7,18 @@ from models import Config, build_model
 from tinyattn import kernels, nn
 from tinyattn.tasks import SequenceTask
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 RNG = np.random.default_rng(11)
 
 
+def on_device(array, **options):
+    """A tensor of host `array` on the default device, which the device fixture sets (ta.tensor keeps a numpy array on the cpu)."""
+    return ta.tensor(array, device=ta.get_default_device(), **options)
+
+
 def randn(*shape, grad=True):
-    return ta.tensor(RNG.standard_normal(shape), requires_grad=grad)
+    return on_device(RNG.standard_normal(shape), requires_grad=grad)
 
 
 def sigmoid(v):
@@ -25,7 +32,7 @@ def test_gru_cell_follows_the_gru_equations(kernel_path):
     gx, gh = x @ w_ih.T + b_ih, h @ w_hh.T + b_hh
     r, z = sigmoid(gx[:, :4] + gh[:, :4]), sigmoid(gx[:, 4:8] + gh[:, 4:8])
     n = np.tanh(gx[:, 8:] + r * gh[:, 8:])
-    np.testing.assert_allclose(cell(ta.tensor(x), ta.tensor(h)).numpy(), (1 - z) * n + z * h, rtol=1e-12)
+    np.testing.assert_allclose(cell(on_device(x), on_device(h)).numpy(), (1 - z) * n + z * h, rtol=1e-12)
 
 
 def test_gru_cell_gradcheck(kernel_path):
@@ -42,35 +49,35 @@ def test_composed_gru_cell_differentiates_twice_and_fused_refuses():
         ta.grad(cell(x, randn(2, 3)).sum(), x, create_graph=True)
 
 
-MASK = ta.tensor(np.array([[True, True, False, False], [True, True, True, True]]))
+MASK = np.array([[True, True, False, False], [True, True, True, True]])  # on the host; on_device(MASK) in each test
 
 
 def test_additive_attention_values_and_gradcheck(kernel_path):
     attention = nn.AdditiveAttention(3, 5, 4, generator=ta.Generator(3), dtype=ta.float64)
-    query, keys = randn(2, 3), randn(2, 4, 5)
-    context, weights = attention(query, keys, mask=MASK)
+    query, keys, mask = randn(2, 3), randn(2, 4, 5), on_device(MASK)
+    context, weights = attention(query, keys, mask=mask)
     w_q, w_k, b_k, v = (p.numpy() for p in (attention.query_proj.weight, attention.key_proj.weight,
                                              attention.key_proj.bias, attention.score))
     energy = np.tanh(keys.numpy() @ w_k.T + b_k + (query.numpy() @ w_q.T)[:, None, :])
-    scores = np.where(MASK.numpy(), energy @ v, -np.inf)
+    scores = np.where(MASK, energy @ v, -np.inf)
     expected = np.exp(scores - scores.max(axis=1, keepdims=True))
     expected /= expected.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-12, atol=1e-15)
     assert np.all(weights.numpy()[0, 2:] == 0.0)
     np.testing.assert_allclose(context.numpy(), np.einsum("bs,bsk->bk", expected, keys.numpy()), rtol=1e-12)
-    assert ta.gradcheck(lambda q, k, *ps: attention(q, k, mask=MASK)[0], [query, keys, *attention.parameters()])
+    assert ta.gradcheck(lambda q, k, *ps: attention(q, k, mask=mask)[0], [query, keys, *attention.parameters()])
 
 
 def test_fully_masked_query_gets_zero_context():
     attention = nn.AdditiveAttention(3, 5, 4, generator=ta.Generator(7), dtype=ta.float64)
-    context, weights = attention(randn(1, 3), randn(1, 2, 5), mask=ta.tensor(np.array([[False, False]])))
+    context, weights = attention(randn(1, 3), randn(1, 2, 5), mask=on_device(np.array([[False, False]])))
     assert np.all(context.numpy() == 0.0) and np.all(weights.numpy() == 0.0)
 
 
 def test_run_gru_carries_the_state_over_padding():
     cell = nn.GRUCell(2, 3, generator=ta.Generator(8), dtype=ta.float64)
     inputs = [randn(2, 2, grad=False) for _ in range(4)]
-    mask = ta.tensor(np.array([[True, True, False, False], [True, True, True, True]]))
+    mask = on_device(MASK)
     states, last = nn.run_gru(cell, inputs, mask)
     assert states.shape == (2, 4, 3)
     short, _ = nn.run_gru(cell, [x[:1] for x in inputs[:2]])

@@ -3,10 +3,13 @@ import pytest
 
 from tinyattn.tasks import BOS, EOS, FIRST_SYMBOL, PAD, SequenceTask, describe, pad
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
 
-def test_layout_of_a_reverse_batch():
+
+def test_layout_of_a_reverse_batch(device):
     task = SequenceTask("reverse", vocab=5, min_len=2, max_len=3)
     batch = task.make_batch([[4, 5, 6], [7, 8]])
+    assert {t.device for t in (batch.source, batch.decoder_input, batch.labels)} == {device}  # the default device
     assert batch.source.tolist() == [[4, 5, 6], [7, 8, PAD]]
     assert batch.decoder_input.tolist() == [[BOS, 6, 5, 4], [BOS, 8, 7, PAD]]
     assert batch.labels.tolist() == [[6, 5, 4, EOS], [8, 7, EOS, PAD]]
@@ -59,6 +62,6 @@ def test_bad_source_symbols_and_batch_size():
         task.batches(0, seed=0)
 
 
-def test_pad_and_describe():
-    assert pad([[5], [6, 7]]).tolist() == [[5, PAD], [6, 7]]
+def test_pad_and_describe(device):
+    assert pad([[5], [6, 7]]).tolist() == [[5, PAD], [6, 7]] and pad([[5]]).device == device
     assert describe([BOS, 4, 13, EOS]) == "<bos> 0 9 <eos>"

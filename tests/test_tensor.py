@@ -4,6 +4,8 @@ import pytest
 
 import tinyattn as ta
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 
 def test_python_floats_become_float32_and_ints_int64():
     assert ta.tensor(1.5).dtype == ta.float32
@@ -13,15 +15,20 @@ def test_python_floats_become_float32_and_ints_int64():
     assert ta.tensor([True, False]).dtype == ta.bool_
 
 
-def test_numpy_arrays_keep_their_dtype_and_explicit_dtype_wins():
-    assert ta.tensor(np.zeros(2, dtype=np.float64)).dtype == ta.float64
-    assert ta.tensor(np.zeros(2, dtype=np.int32)).dtype == np.int32
+def test_numpy_arrays_keep_their_dtype_and_explicit_dtype_wins(device):
+    assert ta.tensor(np.zeros(2, dtype=np.float64), device=device).dtype == ta.float64
+    assert ta.tensor(np.zeros(2, dtype=np.int32), device=device).dtype == np.int32
     assert ta.tensor([1, 2], dtype="float64").dtype == ta.float64
 
 
-def test_attributes():
-    t = ta.tensor(np.arange(6.0).reshape(2, 3))
-    assert (t.shape, t.ndim, t.size, t.device, len(t)) == ((2, 3), 2, 6, "cpu", 2)
+def test_numpy_arrays_go_to_the_default_device_as_python_data_does(device):
+    assert ta.tensor(np.zeros(2)).device == ta.tensor([0.0]).device == device  # as torch.tensor(ndarray) does
+    assert ta.tensor(np.zeros(2), device="cpu").device == "cpu"
+
+
+def test_attributes(device):
+    t = ta.tensor(np.arange(6.0).reshape(2, 3), device=device)
+    assert (t.shape, t.ndim, t.size, t.device, len(t)) == ((2, 3), 2, 6, device, 2)
     assert isinstance(t.numpy(), np.ndarray)
     assert ta.tensor([4.0]).item() == 4.0
     assert t.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
@@ -38,7 +45,7 @@ def test_integer_tensor_cannot_require_grad():
         ta.tensor([1, 2], requires_grad=True)
 
 
-def test_factories():
+def test_factories(device):
     np.testing.assert_array_equal(ta.zeros(2, 3).numpy(), np.zeros((2, 3)))
     np.testing.assert_array_equal(ta.ones((2,)).numpy(), [1.0, 1.0])
     assert ta.zeros(2, 3).dtype == ta.float32
@@ -47,8 +54,9 @@ def test_factories():
     np.testing.assert_array_equal(ta.arange(5).numpy(), np.arange(5))
     assert ta.arange(5).dtype == ta.int64 and ta.arange(0.0, 1.0, 0.25).dtype == ta.float32
     np.testing.assert_array_equal(ta.arange(1, 7, 2).numpy(), [1, 3, 5])
-    like = ta.tensor(np.ones((2, 2)))
-    assert ta.zeros_like(like).dtype == ta.float64 and ta.ones_like(like).numpy().sum() == 4
+    assert ta.zeros(2).device == ta.full((2,), 7.0).device == ta.arange(5).device == device
+    like = ta.tensor(np.ones((2, 2)), device=device)
+    assert ta.zeros_like(like).device == device and ta.zeros_like(like).dtype == ta.float64 and ta.ones_like(like).numpy().sum() == 4
 
 
 def test_random_tensors_are_reproducible_from_a_seeded_generator():
@@ -58,6 +66,7 @@ def test_random_tensors_are_reproducible_from_a_seeded_generator():
     np.testing.assert_array_equal(first.numpy(), second.numpy())
     assert not np.array_equal(first.numpy(), other.numpy())
     assert first.dtype == ta.float32 and first.shape == (3, 4)
+    assert first.device == ta.rand(2).device == ta.get_default_device()
     uniform = ta.rand(1000, generator=ta.Generator(0)).numpy()
     assert uniform.min() >= 0.0 and uniform.max() < 1.0
     ta.manual_seed(3)
@@ -66,9 +75,10 @@ def test_random_tensors_are_reproducible_from_a_seeded_generator():
     np.testing.assert_array_equal(a.numpy(), ta.randn(2).numpy())
 
 
-def test_repr_shows_values_and_graph():
+def test_repr_shows_values_and_graph(device):
     x = ta.tensor([1.0, 2.0], requires_grad=True)
-    assert repr(x) == "tensor([1., 2.], dtype=float32, requires_grad=True)"
+    on_device = "" if device == "cpu" else f", device='{device}'"
+    assert repr(x) == f"tensor([1., 2.], dtype=float32{on_device}, requires_grad=True)"
     assert "grad_fn=Mul" in repr(x * 2.0)
 
 
@@ -121,15 +131,15 @@ def test_integer_true_division_gives_float32():
     np.testing.assert_array_equal((ta.tensor([1, 2]) / 2).numpy(), [0.5, 1.0])
 
 
-def test_numpy_subclasses_such_as_memmap_mix_with_plain_tensors(tmp_path):
+def test_numpy_subclasses_such_as_memmap_mix_with_plain_tensors(tmp_path, device):
     path = tmp_path / "w.npy"
     np.save(path, np.arange(3.0, dtype=np.float32))
-    mapped = ta.tensor(np.load(path, mmap_mode="r"))
+    mapped = ta.tensor(np.load(path, mmap_mode="r"), device=device)
     np.testing.assert_array_equal((mapped + ta.tensor([1.0, 1.0, 1.0])).numpy(), [1.0, 2.0, 3.0])
 
 
-def test_tensor_copies_array_data_so_in_place_updates_stay_inside():
+def test_tensor_copies_array_data_so_in_place_updates_stay_inside(device):
     source = np.zeros(3, dtype=np.float32)
-    t = ta.tensor(source, requires_grad=True)
+    t = ta.tensor(source, requires_grad=True, device=device)
     t.data += 1.0
     np.testing.assert_array_equal(source, [0.0, 0.0, 0.0])

@@ -7,12 +7,19 @@ import pytest
 import tinyattn as ta
 from tinyattn import nn
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 RNG = np.random.default_rng(1)
 D_MODEL, HEADS, D_FF = 8, 2, 16
 
 
+def on_device(array, **options):
+    """A tensor of host `array` on the default device, which the device fixture sets (ta.tensor keeps a numpy array on the cpu)."""
+    return ta.tensor(array, device=ta.get_default_device(), **options)
+
+
 def randn(*shape, grad=False):
-    return ta.tensor(RNG.standard_normal(shape), requires_grad=grad)
+    return on_device(RNG.standard_normal(shape), requires_grad=grad)
 
 
 def layer_kwargs(seed=0):
@@ -48,7 +55,7 @@ def test_feed_forward_matches_hand_computation():
     x = RNG.standard_normal((2, 3, D_MODEL))
     w1, b1, w2, b2 = (p.numpy() for p in ff.parameters())
     expected = np.maximum(x @ w1.T + b1, 0) @ w2.T + b2
-    np.testing.assert_allclose(ff(ta.tensor(x)).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(ff(on_device(x)).numpy(), expected, rtol=1e-12)
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         nn.FeedForward(4, 8, activation="swish")
 
@@ -56,7 +63,7 @@ def test_feed_forward_matches_hand_computation():
 def test_encoder_layer_is_pre_ln_residual():
     layer = nn.EncoderLayer(D_MODEL, HEADS, D_FF, **layer_kwargs())
     x = randn(2, 4, D_MODEL)
-    mask = ta.tensor(np.array([[True] * 4, [True, True, False, False]]))[:, None, None, :]
+    mask = on_device(np.array([[True] * 4, [True, True, False, False]]))[:, None, None, :]
     out, weights = layer(x, mask=mask, need_weights=True)
     middle = x + layer.self_attn(layer.norm1(x), mask=mask)[0]
     expected = middle + layer.feed_forward(layer.norm2(middle))
@@ -83,7 +90,7 @@ def test_decoder_output_at_a_position_ignores_later_positions():
     changed = x.numpy().copy()
     changed[0, 3] += RNG.standard_normal(D_MODEL)  # not a constant shift, which LayerNorm would erase
     a, _ = decoder(x, memory)
-    b, _ = decoder(ta.tensor(changed), memory)
+    b, _ = decoder(on_device(changed), memory)
     np.testing.assert_allclose(a.numpy()[0, :3], b.numpy()[0, :3], rtol=1e-12)
     assert not np.allclose(a.numpy()[0, 3], b.numpy()[0, 3])
 
@@ -101,7 +108,7 @@ def test_stacks_end_with_layer_norm_and_return_weights_per_layer():
 def test_cached_decoding_equals_uncached_decoding():
     decoder = nn.Decoder(2, D_MODEL, HEADS, D_FF, **layer_kwargs())
     x, memory = randn(2, 6, D_MODEL), randn(2, 4, D_MODEL)
-    mask = ta.tensor(np.array([[True] * 4, [True, True, True, False]]))[:, None, None, :]
+    mask = on_device(np.array([[True] * 4, [True, True, True, False]]))[:, None, None, :]
     with ta.no_grad():
         full, full_weights = decoder(x, memory, memory_mask=mask, need_weights=True)
         cache = decoder.new_cache()
@@ -116,7 +123,7 @@ def test_one_layer_encoder_decoder_gradcheck():
     encoder = nn.Encoder(1, D_MODEL, HEADS, D_FF, **layer_kwargs(1))
     decoder = nn.Decoder(1, D_MODEL, HEADS, D_FF, **layer_kwargs(2))
     source, target = randn(2, 4, D_MODEL, grad=True), randn(2, 3, D_MODEL, grad=True)
-    mask = ta.tensor(np.array([[True] * 4, [True, True, False, False]]))[:, None, None, :]
+    mask = on_device(np.array([[True] * 4, [True, True, False, False]]))[:, None, None, :]
     params = encoder.parameters() + decoder.parameters()
 
     def encode_decode(source, target, *params):

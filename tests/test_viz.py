@@ -11,6 +11,8 @@ import tinyattn as ta
 from tinyattn import nn
 from tinyattn.viz import attention_svg, heatmap_text, to_dot
 
+pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
+
 NODE = re.compile(r'^\s*(t|f)\d+ \[[^\]]*label="[^"]*"[^\]]*\];$')
 EDGE = re.compile(r"^\s*([tf]\d+) -> ([tf]\d+);$")
 
@@ -60,14 +62,18 @@ def test_to_dot_after_backward_says_to_retain_the_graph():
 
 
 def test_heatmap_shades_follow_the_weights():
-    text = heatmap_text(np.array([[0.0, 1.0], [0.5, 0.5]]), ["a", "b"], ["x", "y"])
+    weights = np.array([[0.0, 1.0], [0.5, 0.5]])
+    text = heatmap_text(weights, ["a", "b"], ["x", "y"])
     lines = text.splitlines()
     assert lines[1] == "a   ██" and lines[2] == "b ████"
+    on_device = ta.tensor(weights, device=ta.get_default_device())
+    assert heatmap_text(on_device, ["a", "b"], ["x", "y"]) == text == heatmap_text(on_device.data, ["a", "b"], ["x", "y"])
 
 
 def test_attention_svg_is_well_formed_with_one_rect_per_cell():
     maps = np.random.default_rng(0).random((2, 3, 4, 5))
-    svg = attention_svg(maps, ["a", "b", "<eos>", "d"], list("vwxyz"))
+    svg = attention_svg(ta.tensor(maps, device=ta.get_default_device()), ["a", "b", "<eos>", "d"], list("vwxyz"))
+    assert svg == attention_svg(maps, ["a", "b", "<eos>", "d"], list("vwxyz"))  # a tensor on the device draws as its values
     root = ElementTree.fromstring(svg)
     rects = root.findall("{http://www.w3.org/2000/svg}rect")
     assert len(rects) == 2 * 3 * 4 * 5

@@ -2,8 +2,10 @@
 
 Everything else asks an array for its module (`array_module(array)`) and calls that,
 so one code path serves both devices. CuPy is imported only when a CUDA tensor is
-first asked for, so `import tinyattn` never touches a GPU.
+first asked for, so `import tinyattn` never touches a GPU. The test suite may put a
+stand-in for CuPy in its place (`_use_cuda_module`) to run the CUDA path without a GPU.
 """
+import math
 import os
 import time
 
@@ -12,13 +14,17 @@ import numpy
 float32 = numpy.dtype("float32")
 float64 = numpy.dtype("float64")
 int64 = numpy.dtype("int64")
+uint64 = numpy.dtype("uint64")
 bool_ = numpy.dtype("bool")
 
 DEVICES = ("cpu", "cuda")
-CUDA_INSTALL_HINT = "install the GPU extra in the tinyattn checkout with: pip install -e '.[cuda]' (needs an NVIDIA GPU and CUDA 12)"
-NO_GPU_HINT = "check the NVIDIA driver with nvidia-smi, or use the cpu device"
+CUDA_INSTALL_HINT = ("install the GPU extra in the tinyattn checkout with: pip install '.[cuda12]', "
+                     "or pip install '.[cuda13]' where nvidia-smi shows CUDA Version 13.0 or newer (docs/backends.md)")
+NO_GPU_HINT = ("check the NVIDIA driver with nvidia-smi: the CUDA Version it shows must be at least the CuPy "
+               "wheel's (12 for cupy-cuda12x, 13 for cupy-cuda13x); or use the cpu device")
 
-_cupy = None
+_cupy = None  # the CuPy module once loaded, and its companion package cupyx
+_cupyx = None
 _default_device = None
 
 
@@ -39,7 +45,7 @@ class HookHandle:
 
 
 def _load_cupy():
-    global _cupy
+    global _cupy, _cupyx
     if _cupy is None:
         try:
             import cupy
@@ -51,8 +57,19 @@ def _load_cupy():
             raise DeviceError(f"device 'cuda' is not usable: CuPy is installed but found no working GPU ({error}); {NO_GPU_HINT}") from None
         if count == 0:
             raise DeviceError(f"device 'cuda' is not usable: CuPy is installed but found no GPU; {NO_GPU_HINT}")
-        _cupy = cupy
+        import cupyx
+        _cupy, _cupyx = cupy, cupyx
     return _cupy
+
+
+def _use_cuda_module(cupy_like, cupyx_like):
+    """For tests only: compute 'cuda' tensors with `cupy_like` and `cupyx_like` in place of
+    CuPy and cupyx (tests/cupy_standin.py runs the CUDA path on a machine without a GPU).
+    `_use_cuda_module(None, None)` returns to CuPy not loaded."""
+    global _cupy, _cupyx, _default_device
+    _cupy, _cupyx = cupy_like, cupyx_like
+    if _default_device == "cuda":
+        _default_device = None  # it named the module just replaced
 
 
 def cuda_available():
@@ -153,6 +170,15 @@ def to_device(array, device):
     return to_host(array) if device == "cpu" else _cupy.asarray(array)
 
 
+def read_scalars(*scalars):
+    """Python floats of 0-d arrays (or numbers) on one device, read back in one transfer: one
+    synchronisation with a GPU, not one per value."""
+    arrays = [a for a in scalars if is_array(a)]
+    if not arrays or device_of(arrays[0]) == "cpu":
+        return [float(a) for a in scalars]
+    return _cupy.stack([_cupy.asarray(a, dtype=float64) for a in scalars]).get().tolist()
+
+
 def default_dtype_for(data):
     """float32 for Python floats, int64 for Python ints, bool for bools; arrays keep theirs."""
     if is_array(data) or isinstance(data, numpy.generic):
@@ -170,7 +196,10 @@ def default_dtype_for(data):
 def as_array(data, dtype=None, device=None):
     """An array on `device` from Python data, a numpy or a cupy array."""
     dtype = numpy.dtype(dtype) if dtype is not None else default_dtype_for(data)
-    device = check_device(device) if device is not None else (device_of(data) if is_array(data) else get_default_device())
+    if device is None:  # host data, numpy arrays included, goes to the default device, as in PyTorch; GPU arrays stay
+        device = "cuda" if is_array(data) and device_of(data) == "cuda" else get_default_device()
+    else:
+        device = check_device(device)
     if is_array(data):
         data = to_device(numpy.asarray(data) if isinstance(data, numpy.ndarray) else data, device)  # memmap etc. -> ndarray
         return data if data.dtype == dtype else data.astype(dtype)
@@ -190,8 +219,30 @@ def scatter_add(target, index, values):
     if isinstance(target, numpy.ndarray):
         numpy.add.at(target, index, values)
     else:
-        import cupyx
-        cupyx.scatter_add(target, index, values)
+        _cupyx.scatter_add(target, index, values)
+
+
+# splitmix64's constants, the stride between seeds and the two multipliers, as uint64 scalars:
+# CuPy would refuse them as Python ints, which are above int64's range.
+_GOLDEN = numpy.uint64(0x9E3779B97F4A7C15)
+_MIX = (numpy.uint64(0xBF58476D1CE4E5B9), numpy.uint64(0x94D049BB133111EB))
+
+
+def uniform_on(device, shape, generator):
+    """Uniform float64 draws in [0, 1) of `shape`, made on `device` itself (no random numbers
+    cross from the host) from one 64-bit seed that the host `generator` gives: element i is
+    splitmix64's mix of seed + i * golden ratio. So the same generator state gives the same
+    draws on every device, and the generator advances by one number per call."""
+    xp = module_for(device)
+    seed = numpy.uint64(generator.integers(0, 2 ** 63))
+    z = xp.arange(math.prod(shape), dtype=uint64)
+    z *= _GOLDEN
+    z += seed
+    for shift, multiplier in zip((30, 27), _MIX):
+        z ^= z >> numpy.uint64(shift)
+        z *= multiplier
+    z ^= z >> numpy.uint64(31)
+    return ((z >> 11).astype(float64) * 2.0 ** -53).reshape(shape)  # the top 53 bits, as a double's fraction
 
 
 def generator(seed=None):

@@ -1,4 +1,7 @@
 """Making tensors: from data, filled with a value, ranges, and seeded random draws."""
+import contextlib
+import contextvars
+
 from . import backend
 from .engine import Tensor
 
@@ -17,13 +20,34 @@ def default_generator():
     return _default_generator
 
 
+_dropout_generator = contextvars.ContextVar("tinyattn_dropout_generator", default=None)
+
+
+def dropout_generator():
+    """The generator every dropout mask in this context is drawn from, or None for each
+    module's own (see drawing_dropout_from)."""
+    return _dropout_generator.get()
+
+
+@contextlib.contextmanager
+def drawing_dropout_from(generator):
+    """Draw every dropout mask in the block from `generator` instead of the modules' own
+    (None: the modules' own): each shard of a batch gets its own (tinyattn.parallel), so
+    threads never share one."""
+    token = _dropout_generator.set(generator)
+    try:
+        yield generator
+    finally:
+        _dropout_generator.reset(token)
+
+
 def tensor(data, dtype=None, requires_grad=False, device=None):
     """A tensor from Python data or an array, always with its own copy of the data (as
     torch.tensor does), so that in-place updates never reach the caller's array.
 
     Python floats become float32, Python ints int64 (as in PyTorch), bools bool; numpy
-    and cupy arrays keep their dtype. The device defaults to the array's own, else to
-    the default device.
+    and cupy arrays keep their dtype. The device defaults to the default device (as in
+    PyTorch), except that a cupy array stays on the GPU.
     """
     if isinstance(data, Tensor):
         data = data.data
@@ -39,8 +63,8 @@ def _shape(shape):
 def full(shape, fill_value, dtype=None, device=None, requires_grad=False):
     shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
     dtype = backend.as_dtype(dtype) if dtype is not None else backend.default_dtype_for(fill_value)
-    xp = backend.module_for(device)
-    return Tensor(xp.full(shape, fill_value, dtype=dtype), requires_grad=requires_grad)
+    device = backend.check_device(device)
+    return Tensor(backend.module_for(device).full(shape, fill_value, dtype=dtype), device=device, requires_grad=requires_grad)
 
 
 def zeros(*shape, dtype=backend.float32, device=None, requires_grad=False):

@@ -428,6 +428,8 @@ def _initial_grad(output, grad):
     grad = grad if isinstance(grad, Tensor) else Tensor(grad, dtype=output.dtype, device=output.device)
     if grad.shape != output.shape:
         raise ValueError(f"backward() got grad of shape {grad.shape} for a tensor of shape {output.shape}")
+    if grad.device != output.device:
+        raise backend.DeviceError(f"backward() got grad on {grad.device} for a tensor on {output.device}; move it with .to(device) first")
     return grad
 
 

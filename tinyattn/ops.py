@@ -26,8 +26,8 @@ def _lift(value, like):
     """A Tensor for `value`; Python numbers take the dtype and device of `like`."""
     if isinstance(value, Tensor):
         return value
-    if backend.is_array(value):
-        return Tensor(value)
+    if backend.is_array(value):  # an array keeps its device: one on another device is an error, never a silent copy
+        return Tensor(value, device=backend.device_of(value))
     dtype = like.dtype if like.dtype.kind == "f" else backend.default_dtype_for(value)
     return constant(like.xp.asarray(value, dtype=dtype))
 
@@ -208,15 +208,23 @@ class Embedding(Function):
         return constant(one_hot).T @ grad.reshape(-1, weight.shape[1])
 
 
+def check_ids_in_range(ids, size, what):
+    """IndexError naming the first of the integer array `ids` outside [0, size), `what` saying
+    what they index. Only where reading ids is free, on the host: on a GPU it would stop the
+    device on every call, so ids bound for a GPU are checked where they are made
+    (tinyattn.tasks' batches, train.py's --decode)."""
+    if ids.size and backend.device_of(ids) == "cpu":
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= size:
+            raise IndexError(f"{what}: id {low if low < 0 else high} is out of range [0, {size})")
+
+
 def embedding(ids, weight):
-    """Rows of `weight` picked by integer `ids` (any shape); ids outside the table are an error."""
+    """Rows of `weight` picked by integer `ids` (any shape); ids outside the table are an
+    error (see check_ids_in_range)."""
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding ids must be integers, got dtype {ids.dtype}")
-    if ids.size:
-        low, high = int(ids.data.min()), int(ids.data.max())
-        if low < 0 or high >= weight.shape[0]:
-            bad = low if low < 0 else high
-            raise IndexError(f"token id {bad} is out of range for an embedding table of {weight.shape[0]} rows")
+    check_ids_in_range(ids.data, weight.shape[0], f"token ids for an embedding table of {weight.shape[0]} rows")
     return Embedding.apply(weight, ids=ids.data)
 
 

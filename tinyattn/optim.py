@@ -258,19 +258,23 @@ class AdamW(Adam):
 def clip_grad_norm_(params, max_norm):
     """Scale all gradients in place so their joint L2 norm is at most `max_norm`.
 
-    Returns the norm before clipping as a Python float. Each gradient's norm is taken in
-    its own dtype and only the per-gradient norms are combined in Python floats, so no
-    float64 array is made and the gradients keep their dtype.
+    Returns the norm before clipping as a 0-d float64 tensor, as PyTorch does: it stays on
+    the gradients' device, so clipping never waits for a GPU (read it with .item()). Each
+    gradient's squares are summed in float64, so a float32 gradient makes no float64 copy
+    and keeps its dtype.
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
     grads = [param.grad for param in params if param.grad is not None]
-    total_norm = math.sqrt(sum(float(grad.xp.linalg.norm(grad.data)) ** 2 for grad in grads))
-    if total_norm > max_norm:
-        scale = float(max_norm) / (total_norm + 1e-6)
-        for grad in grads:
-            grad.data *= scale
-    return total_norm
+    if not grads:
+        return Tensor._from_array(backend.as_array(0.0, backend.float64))
+    squares = [(grad.data * grad.data).sum(dtype=backend.float64) for grad in grads]
+    total_norm = sum(squares[1:], squares[0]) ** 0.5
+    # min(1, max_norm / norm) on the device, applied to every gradient: a no-op (times 1.0) below max_norm.
+    scale = grads[0].xp.minimum(max_norm / (total_norm + 1e-6), 1.0)
+    for grad in grads:
+        grad.data *= scale.astype(grad.dtype)
+    return Tensor._from_array(backend.ensure_array(total_norm))
 
 
 class LRSchedule:

@@ -18,6 +18,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from . import backend, cpu, profiler
+from .creation import drawing_dropout_from
 from .engine import Tensor, grad
 
 
@@ -40,14 +41,17 @@ class ShardedBackward:
     count, not the shard's mean); the call returns those tuples in shard order. With one
     shard it is plain `loss.backward()` on the calling thread. While the profiler is on,
     the shards run one after another, so its timings do not overlap. When a shard's loss
-    is not finite, nothing is differentiated or accumulated: the step is lost anyway,
-    and its overflowing backward would only spill warnings.
+    on the host is not finite, nothing is differentiated or accumulated (_worth_differentiating).
+
+    dropout_generator: with several shards, each shard draws its dropout masks from its own
+    generator, seeded each call from this one (threads taking turns at one generator would
+    make a run unrepeatable), so a run with dropout is repeatable for a given number of shards.
     """
 
-    def __init__(self, shards):
+    def __init__(self, shards, dropout_generator=None):
         if not isinstance(shards, int) or shards < 1:
             raise ValueError(f"shards must be a positive integer, got {shards!r}")
-        self.shards = shards
+        self.shards, self.dropout_generator = shards, dropout_generator
         self.blas_threads_per_shard = max(1, (os.cpu_count() or 1) // shards)
         self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="tinyattn-shard") if shards > 1 else None
 
@@ -56,24 +60,27 @@ class ShardedBackward:
             raise ValueError(f"expected 1 to {self.shards} shards, got {len(shards)}")
         if len(shards) == 1:
             outputs = loss_of(shards[0])
-            if math.isfinite(outputs[0].item()):
+            if _worth_differentiating(outputs[0]):
                 outputs[0].backward()
             return [outputs]
         params = [param for param in params if param.requires_grad]
+        own_generators = ([backend.generator(int(seed)) for seed in self.dropout_generator.integers(0, 2 ** 63, size=len(shards))]
+                          if self.dropout_generator is not None else [None] * len(shards))
 
-        def run(shard):
-            outputs = loss_of(shard)
-            finite = math.isfinite(outputs[0].item())
-            return outputs, grad(outputs[0], params, allow_unused=True) if finite else None
+        def run(shard, generator):
+            with drawing_dropout_from(generator):
+                outputs = loss_of(shard)
+            return outputs, grad(outputs[0], params, allow_unused=True) if _worth_differentiating(outputs[0]) else None
 
         with cpu.blas_threads(self.blas_threads_per_shard):
             if profiler.is_active():
-                results = [run(shard) for shard in shards]
+                results = [run(shard, generator) for shard, generator in zip(shards, own_generators)]
             else:
                 # Each shard runs in a copy of the caller's context, so settings such as NumPy's errstate carry over.
-                pending = [self._pool.submit(contextvars.copy_context().run, run, shard) for shard in shards[1:]]
+                pending = [self._pool.submit(contextvars.copy_context().run, run, shard, generator)
+                           for shard, generator in zip(shards[1:], own_generators[1:])]
                 try:
-                    first = run(shards[0])
+                    first = run(shards[0], own_generators[0])
                 finally:  # never leave a shard running past this call, even on an error or Ctrl-C
                     wait(pending)
                 results = [first] + [job.result() for job in pending]
@@ -94,3 +101,10 @@ class ShardedBackward:
                 param.grad = Tensor._from_array(total)
             else:
                 param.grad.data += total
+
+
+def _worth_differentiating(loss):
+    """False for a loss that is not finite on the host: the step is lost anyway, and its
+    overflowing backward would only spill warnings. A loss on a GPU is not read here, which
+    would wait for the device; the caller reads it once and drops such a step."""
+    return backend.device_of(loss.data) != "cpu" or math.isfinite(loss.item())

@@ -52,7 +52,7 @@ class Batch:
         if count < 1:
             raise ValueError(f"a batch splits into at least 1 part, got {count}")
         bounds = [len(self) * part // count for part in range(count + 1)]
-        return [Batch(*(Tensor(t.data[start:stop]) for t in (self.source, self.decoder_input, self.labels)),
+        return [Batch(*(Tensor(t.data[start:stop], device=t.device) for t in (self.source, self.decoder_input, self.labels)),
                       sources=self.sources[start:stop], targets=self.targets[start:stop])
                 for start, stop in zip(bounds, bounds[1:]) if stop > start]
 

@@ -5,6 +5,7 @@ is made of block characters.
 """
 from xml.sax.saxutils import escape
 
+from . import backend
 from .engine import Tensor
 
 SHADES = " ░▒▓█"  # from no weight to all of it
@@ -54,12 +55,15 @@ def to_dot(tensor, names=None):
 
 
 def _values(weights):
-    return weights.tolist() if not isinstance(weights, list) else weights
+    """Nested lists of the values of a Tensor or an array on any device (read back through backend.to_host), or lists as they are."""
+    if isinstance(weights, Tensor):
+        weights = weights.data
+    return backend.to_host(weights).tolist() if backend.is_array(weights) else weights
 
 
 def heatmap_text(weights, row_labels, column_labels):
     """A (rows, columns) weight matrix as block characters, darker for more weight."""
-    rows = _values(weights.numpy() if isinstance(weights, Tensor) else weights)
+    rows = _values(weights)
     width = max(len(label) for label in row_labels)
     header = " " * (width + 1) + "".join(label[:2].rjust(2) for label in column_labels)
     lines = [header]

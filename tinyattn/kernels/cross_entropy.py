@@ -5,7 +5,7 @@
     cross_entropy                checks the targets, picks one by the kernels switch, reduces
 """
 from ..engine import Function
-from ..ops import constant
+from ..ops import check_ids_in_range, constant
 from . import fused_selected, rows
 from .softmax import log_softmax
 
@@ -31,8 +31,7 @@ def cross_entropy(logits, targets, ignore_index=None, label_smoothing=0.0, reduc
     flat_targets = targets.data.reshape(-1)
     keep = flat_targets != ignore_index if ignore_index is not None else logits.xp.ones(flat_targets.shape, dtype=bool)
     safe_targets = flat_targets * keep  # ignored rows pick class 0, then get weight 0
-    if safe_targets.size and (int(safe_targets.min()) < 0 or int(safe_targets.max()) >= classes):
-        raise IndexError(f"cross_entropy: target values must lie in [0, {classes}), got {int(safe_targets.min())}..{int(safe_targets.max())}")
+    check_ids_in_range(safe_targets, classes, f"cross_entropy targets for {classes} classes")
     keep_weights = keep.astype(logits.dtype)
     if fused_selected():
         losses = FusedCrossEntropyRows.apply(flat_logits, targets=safe_targets, keep=keep_weights, smoothing=label_smoothing)
@@ -43,7 +42,8 @@ def cross_entropy(logits, targets, ignore_index=None, label_smoothing=0.0, reduc
     total = losses.sum()
     if reduction == "sum":
         return total
-    return total * (1.0 / max(int(keep.sum()), 1))
+    # The count stays on the device: reading it back would synchronise a GPU on every loss.
+    return total / constant(logits.xp.maximum(keep.sum(), 1).astype(logits.dtype))
 
 
 def cross_entropy_rows_composed(flat_logits, targets, keep_weights, label_smoothing):

@@ -1,12 +1,14 @@
-"""Dropout: one path for both kernels, a multiply by a keep-mask drawn on the host."""
+"""Dropout: one path for both kernels, a multiply by a keep-mask drawn on the tensor's device."""
 from .. import backend
+from ..creation import dropout_generator
 from ..ops import constant
 
 
 def dropout_mask(shape, p, generator, like):
-    """A keep-mask scaled by 1/(1-p), drawn on the host from `generator` so seeds match across devices."""
-    keep = generator.random(shape) >= p
-    return constant(backend.to_device(keep.astype(like.dtype) * (1.0 / (1.0 - p)), like.device))
+    """A keep-mask scaled by 1/(1-p), drawn on like's device from `generator` (or from the
+    generator a batch shard was given: creation.dropout_generator), so seeds match across devices."""
+    keep = backend.uniform_on(like.device, shape, dropout_generator() or generator) >= p
+    return constant(keep.astype(like.dtype) * (1.0 / (1.0 - p)))
 
 
 def dropout(x, p, training, generator):

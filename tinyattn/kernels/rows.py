@@ -8,6 +8,7 @@ rows with few columns.
 """
 import functools
 
+from .. import backend
 from ..backend import matmul
 from ..engine import is_grad_enabled
 
@@ -35,9 +36,16 @@ def column_sum(xp, a2):
     return matmul(filled_vector(xp, a2.shape[0], 1.0, a2.dtype), a2)
 
 
+def reads_are_free(array):
+    """Whether reading a value of `array` back to Python costs nothing. On the host it does
+    not; on a GPU it waits for everything queued before it (a synchronisation), so the
+    kernels take a path there that decides nothing from the data."""
+    return backend.device_of(array) == "cpu"
+
+
 def row_max(xp, a2):
     """Maximum of each row of a 2-D array, as an (N, 1) column."""
-    if a2.shape[1] > FEW_COLUMNS:
+    if a2.shape[1] > FEW_COLUMNS or not reads_are_free(a2):  # on a GPU one reduction is one kernel; a loop is many
         return a2.max(axis=1, keepdims=True)
     top = a2[:, 0].copy()
     for column in range(1, a2.shape[1]):
@@ -60,7 +68,12 @@ def softmax(xp, scores, remake_scores, allowed=None):
     that is fully masked) shows as a tiny row sum; that is rare, and then the weights are
     made again from `remake_scores()`, each row shifted by its own maximum, with the
     masked-row rule applied for the boolean may-attend mask `allowed`.
+
+    On a GPU, where reading the largest score back would synchronise, every row is shifted
+    by its own maximum at once: one reduction kernel, no decision on the host.
     """
+    if not reads_are_free(scores):
+        return _softmax_per_row(xp, scores, allowed)
     top = float(scores.max())
     if top > EXP_SAFE:
         scores -= top
@@ -69,9 +82,13 @@ def softmax(xp, scores, remake_scores, allowed=None):
     if not bool((sums < UNDERFLOW_GUARD).any()):
         weights /= sums
         return weights
-    weights = remake_scores()
-    weights -= weights.max(axis=-1, keepdims=True)
-    xp.exp(weights, out=weights)
+    return _softmax_per_row(xp, remake_scores(), allowed)
+
+
+def _softmax_per_row(xp, scores, allowed):
+    """Softmax of each row shifted by its own maximum, in place, with the masked-row rule."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    weights = xp.exp(scores, out=scores)
     weights /= weights.sum(axis=-1, keepdims=True)
     if allowed is not None:
         weights *= rows_with_a_key(allowed, weights.dtype)

@@ -14,8 +14,9 @@ class Parameter(Tensor):
     __slots__ = ()
 
     def __init__(self, data, requires_grad=True):
-        array = data.data if isinstance(data, Tensor) else backend.as_array(data)
-        Tensor.__init__(self, array, requires_grad=requires_grad)
+        data = data.data if isinstance(data, Tensor) else data
+        # An array (such as creation.empty_parameter_data's, made for a device) keeps its device.
+        Tensor.__init__(self, data, requires_grad=requires_grad, device=backend.device_of(data) if backend.is_array(data) else None)
 
     def __repr__(self):
         return "Parameter containing:\n" + Tensor.__repr__(self)
