@@ -7,13 +7,15 @@
     python train.py --checkpoint runs/checkpoint.npz --decode "3 1 4 1 5" --svg attention.svg
 """
 import argparse
+import os
 import sys
 
 import tinyattn as ta
 from models import MODELS, Config, ConfigError
 from models.config import RUN_SETTINGS, flag_name, setting_name
 from models.evaluation import show_decode, show_evaluation
-from models.training import CHECKPOINT_NAME, Run, train
+from models.lock import LockError
+from models.training import CHECKPOINT_NAME, Run, load_state, train
 from tinyattn import checkpoint, kernels
 from tinyattn.cpu import tune_allocator
 from tinyattn.tasks import FIRST_SYMBOL, TASKS
@@ -62,7 +64,7 @@ def build_parser():
                           "(default fused; a run setting: a checkpoint trained with one loads and decodes with the other)")
     training.add_argument("--stop-at", type=int, help="stop at this step and save, as if interrupted (to split a run in parts)")
     files = parser.add_argument_group("files")
-    files.add_argument("--out", help=f"folder for {CHECKPOINT_NAME} (default runs)")
+    files.add_argument("--out", help=f"folder for {CHECKPOINT_NAME} (default runs; with --resume, the folder of the checkpoint resumed)")
     files.add_argument("--log", help="append one JSON line per evaluation to this file")
     files.add_argument("--resume", metavar="PATH", help="continue training from this checkpoint")
     inspect = parser.add_argument_group("inspect a trained model (no training)")
@@ -82,6 +84,8 @@ def settings_from(args, saved=None, parser=None):
         path = args.resume or args.checkpoint
         try:
             config = Config.from_dict(saved, name=setting_name).replace(stop_at=None)
+            if args.resume:  # a resumed copy writes beside itself, never to the --out it was copied from
+                config = config.replace(out=os.path.dirname(args.resume) or ".")
         except (ConfigError, TypeError) as error:
             raise checkpoint.CheckpointError(path, f"holds a config that cannot run: {error}") from None
         fixed = {key: value for key, value in given.items() if key not in RUN_SETTINGS and value != getattr(config, key)}
@@ -112,8 +116,8 @@ def parse_symbols(text, config, parser):
 
 def inspect(args, parser):
     """--checkpoint with --evaluate or --decode: load a trained run and look at it; nothing is written but the SVG."""
-    state = checkpoint.load(args.checkpoint)
-    run = Run(settings_from(args, state.get("config", {}), parser))
+    state = load_state(args.checkpoint)
+    run = Run(settings_from(args, state["config"], parser))
     run.restore(state, args.checkpoint)
     if args.decode is not None:
         show_decode(run, parse_symbols(args.decode, run.config, parser), args.svg or "attention.svg")
@@ -135,13 +139,15 @@ def main(argv=None):
         if args.checkpoint:
             inspect(args, parser)
             return 0
-        resume = checkpoint.load(args.resume) if args.resume else None
-        config = settings_from(args, resume.get("config", {}) if resume else None, parser)
+        resume = load_state(args.resume) if args.resume else None
+        config = settings_from(args, resume["config"] if resume else None, parser)
         return train(config, resume=resume, resume_path=args.resume)
+    except ConfigError as error:  # a flag that contradicts the checkpoint (--stop-at before its step)
+        parser.error(str(error))
     except ta.DeviceError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    except (checkpoint.CheckpointError, OSError) as error:  # unreadable checkpoints, unwritable --out or --log
+    except (checkpoint.CheckpointError, LockError, OSError) as error:  # unreadable checkpoints, busy or unwritable --out or --log
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
 

@@ -3,8 +3,11 @@
 `Run(config)` builds everything a run holds and knows what goes into its checkpoint;
 `train(config)` is the loop `python train.py` runs: steps with a progress bar,
 evaluation and a checkpoint every --eval-every steps, an early stop at the target
-accuracy, Ctrl-C saved and resumable, a diverged model never saved over a good one.
+accuracy, Ctrl-C (SIGTERM, SIGHUP) saved and resumable, a diverged model never saved over
+a good one, one run at a time on a folder (models/lock.py), and a resumed run never
+replacing a checkpoint further on than the one it started from.
 """
+import contextlib
 import json
 import math
 import os
@@ -21,11 +24,15 @@ from tinyattn.parallel import ShardedBackward, default_shards
 from tinyattn.tasks import PAD, SequenceTask
 
 from . import build_model
+from .config import ConfigError
 from .evaluation import evaluate, show_by_length, show_samples
+from .lock import Lock
 
 CHECKPOINT_NAME = "checkpoint.npz"
 PROGRESS_EVERY = 10  # steps between updates of the progress bar's figures
-INTERRUPTED_EXIT = 130
+INTERRUPTED_EXIT = 130  # 128 + SIGINT's number, as shells report it; SIGTERM ends with 143, SIGHUP with 129
+# Signals that finish the step, save and exit as Ctrl-C does (SIGHUP: the terminal closed; SIGTERM: kill, a job queue)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 # Fewer rows than this per thread, and a part's fixed cost per step (Python building and
 # walking the graph, dispatching each op), which threads take turns at, outweighs what the
@@ -143,6 +150,19 @@ class Run:
             raise checkpoint.CheckpointError(path, f"does not fit the model and optimizer: {error}") from None
 
 
+def load_state(path):
+    """A training run's checkpoint: checkpoint.load, then a CheckpointError naming the file
+    unless it holds the parts every run saves (a skeleton of null or {} is not a run)."""
+    state = checkpoint.load(path)
+    if not isinstance(state, dict):
+        raise checkpoint.CheckpointError(path, f"holds {'null' if state is None else 'a ' + type(state).__name__}, "
+                                         "not a training run's state")
+    missing = [part for part in ("config", "model") if not isinstance(state.get(part), dict)]
+    if missing:
+        raise checkpoint.CheckpointError(path, f"is not a training run's checkpoint: it has no {' and no '.join(missing)}")
+    return state
+
+
 def parameters_finite(model):
     """Whether every weight is finite, read back from the device once for all of them."""
     return all(backend.read_scalars(*(p.xp.isfinite(p.data).all() for p in model.parameters())))
@@ -162,24 +182,67 @@ def open_log(path, append):
     return open(path, "a" if append else "w")
 
 
+def keep_later_work(path, resume_path, start_step):
+    """A resumed run may replace `path` only if it is the file it resumed from or holds an
+    earlier step: a copy of step 20 resumed over the folder of the run now at step 40 would
+    otherwise overwrite 20 steps of work."""
+    if not os.path.exists(path) or os.path.samefile(path, resume_path):
+        return
+    advice = "a resumed run replaces only an earlier checkpoint; give --out another folder"
+    try:
+        step = load_state(path).get("step")
+    except checkpoint.CheckpointError as error:
+        raise checkpoint.CheckpointError(path, f"{error.problem}; {advice}") from None
+    if not isinstance(step, int) or isinstance(step, bool) or step > start_step:
+        raise checkpoint.CheckpointError(path, f"is at step {step}, after step {start_step} of --resume {resume_path}; {advice}")
+
+
+def claim_outputs(config, path, resume_path, start_step):
+    """Lock --out (and --log), remove what saves killed there left behind, and refuse to
+    replace a later checkpoint than a resumed run starts from. Returns the locks, to close."""
+    held = contextlib.ExitStack()
+    try:
+        os.makedirs(config.out, exist_ok=True)
+        held.enter_context(Lock.on_folder(config.out))
+        if config.log and (os.path.isfile(config.log) or not os.path.exists(config.log)):  # not /dev/null and the like
+            folder = os.path.dirname(config.log)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            held.enter_context(Lock.on_file(config.log))
+        for stale in checkpoint.remove_temporaries(config.out):  # no one else saves here while we hold the lock
+            print(f"removed {stale}, left by a save that never finished", flush=True)
+        if resume_path is not None:
+            keep_later_work(path, resume_path, start_step)
+    except BaseException:
+        held.close()
+        raise
+    return held
+
+
 def train(config, resume=None, resume_path=None):
     """Train until config.steps, the target accuracy or an interruption; returns the exit code."""
     run = Run(config)
     if resume is not None:
         run.restore(resume, resume_path)
+        if config.stop_at is not None and config.stop_at <= run.step:
+            raise ConfigError(f"--stop-at ({config.stop_at}) must be after the step of --resume {resume_path} ({run.step})")
     eval_batches = run.eval_set()
     path = os.path.join(config.out, CHECKPOINT_NAME)
-    print("config: " + json.dumps(config.to_dict()), flush=True)
-    print(f"model: {config.model}, {run.model.num_parameters():,} parameters; device {ta.get_default_device()}; "
-          f"{run.sharded.shards} thread{'s' if run.sharded.shards > 1 else ''} per step; {config.kernels} kernels", flush=True)
-    log = open_log(config.log, append=resume is not None) if config.log else None
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
-    start = time.perf_counter()
-    saved_step, result = None, None
-    progress = tqdm(total=config.steps, initial=run.step, unit="step", dynamic_ncols=True)
-    window_start, window_tokens = time.perf_counter(), 0
+    outputs = claim_outputs(config, path, resume_path if resume is not None else None, run.step)
+    log = progress = log_failure = None
+    interrupted, previous_handlers = [], {}
     try:
+        print("config: " + json.dumps(config.to_dict()), flush=True)
+        print(f"model: {config.model}, {run.model.num_parameters():,} parameters; device {ta.get_default_device()}; "
+              f"{run.sharded.shards} thread{'s' if run.sharded.shards > 1 else ''} per step; {config.kernels} kernels", flush=True)
+        log = open_log(config.log, append=resume is not None) if config.log else None
+        for number in STOP_SIGNALS:
+            if signal.getsignal(number) is not signal.SIG_IGN:  # under nohup SIGHUP stays ignored
+                previous_handlers[number] = signal.signal(number, lambda signum, frame: interrupted.append(signum))
+        start = time.perf_counter()
+        saved_step, result = None, None
+        progress = tqdm(total=config.steps, initial=run.step, unit="step", dynamic_ncols=True)
+        window_start, window_tokens = time.perf_counter(), 0
         while run.step < config.steps:
             shows_progress = (run.step + 1) % PROGRESS_EVERY == 0 or run.step + 1 == config.steps
             loss_value, batch, accuracy = run.train_step(read_accuracy=shows_progress)
@@ -201,25 +264,38 @@ def train(config, resume=None, resume_path=None):
                 progress.write(f"step {run.step:5d}  loss {loss_value:.4f}  held-out exact-match {result['exact_match']:.3f}  "
                                f"token accuracy {result['token_accuracy']:.3f}  {elapsed:.1f}s")
                 if log:
-                    log.write(json.dumps(line) + "\n")
-                    log.flush()
+                    try:
+                        log.write(json.dumps(line) + "\n")
+                        log.flush()
+                    except OSError as error:  # a full disk, say: reported once this step's checkpoint is saved
+                        log_failure = error
             stop = interrupted or run.step == config.stop_at or (due and result["exact_match"] >= config.target_accuracy)
             if due or stop:
                 if not parameters_finite(run.model):  # never save a diverged model over the last good one
                     return stop_on_divergence(progress, f"the weights became non-finite at step {run.step}", path, saved_step)
                 checkpoint.save(path, run.state(elapsed))
                 saved_step = run.step
+                if log_failure is not None:
+                    raise OSError(f"cannot write --log {config.log}: {log_failure.strerror or log_failure}; "
+                                  f"step {run.step} is saved in {path}") from None
             if interrupted:
                 progress.close()
-                print(f"interrupted at step {run.step}; saved {path}. Resume with: python train.py --resume {path}", file=sys.stderr)
-                return INTERRUPTED_EXIT
+                number = interrupted[0]
+                by = "" if number == signal.SIGINT else f" by {signal.Signals(number).name}"
+                print(f"interrupted at step {run.step}{by}; saved {path}. Resume with: python train.py --resume {path}",
+                      file=sys.stderr)
+                return 128 + number
             if stop:
                 break
     finally:
-        progress.close()
-        signal.signal(signal.SIGINT, previous_handler)
+        if progress is not None:
+            progress.close()
         if log:
-            log.close()
+            with contextlib.suppress(OSError):  # after a failed write, closing tries the write again
+                log.close()
+        outputs.close()
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
     elapsed = run.elapsed_before + time.perf_counter() - start
     if run.step == config.stop_at and run.step < config.steps:
         print(f"stopped at step {run.step} as asked; resume with: python train.py --resume {path}")

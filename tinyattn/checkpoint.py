@@ -16,6 +16,7 @@ from . import backend
 from .engine import Tensor
 
 FORMAT = "tinyattn-checkpoint-1"
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".checkpoint-", ".npz.tmp"  # what `save` writes before the rename
 ARRAY_MARK = "__array__"
 ZIP_MAGIC = b"PK\x03\x04"  # .npz files are zip archives
 
@@ -25,7 +26,7 @@ class CheckpointError(Exception):
 
     def __init__(self, path, problem):
         super().__init__(f"checkpoint {path}: {problem}")
-        self.path = path
+        self.path, self.problem = path, problem
 
 
 def _split(tree, arrays):
@@ -72,7 +73,7 @@ def save(path, state):
     arrays["__skeleton__"] = numpy.array(json.dumps(skeleton))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz.tmp", dir=folder)
+    handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX, dir=folder)
     try:
         with os.fdopen(handle, "wb") as file:
             save_arrays(file, arrays)
@@ -82,6 +83,24 @@ def save(path, state):
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def remove_temporaries(folder):
+    """Delete the temporary files of saves in `folder` that never finished (a process killed
+    mid-save leaves one); returns their paths. Only for a folder no save is writing to now."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        if name.startswith(TEMPORARY_PREFIX) and name.endswith(TEMPORARY_SUFFIX):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                continue
+            removed.append(os.path.join(folder, name))
+    return removed
 
 
 def load(path):
