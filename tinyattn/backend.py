@@ -11,6 +11,7 @@ import time
 
 import numpy
 
+float16 = numpy.dtype("float16")
 float32 = numpy.dtype("float32")
 float64 = numpy.dtype("float64")
 int64 = numpy.dtype("int64")

@@ -92,17 +92,36 @@ def arange(start, stop=None, step=1, dtype=None, device=None):
     return Tensor(backend.host_arange(start, stop, step, backend.as_dtype(dtype)), device=device or backend.get_default_device())
 
 
+def _floating(function, dtype):
+    dtype = backend.as_dtype(dtype)
+    if not backend.is_floating(dtype):
+        raise TypeError(f"{function} draws floating-point values: dtype must be a float type (float16, float32, float64), got {dtype}")
+    return dtype
+
+
 def randn(*shape, generator=None, dtype=backend.float32, device=None, requires_grad=False):
-    """Standard normal draws from `generator` (a seeded tinyattn.Generator), else the default one."""
+    """Standard normal draws from `generator` (a seeded tinyattn.Generator), else the default one.
+    The generator draws float32 or float64; float16 values are float32 draws rounded."""
     rng = generator or _default_generator
-    values = rng.standard_normal(_shape(shape), dtype=backend.as_dtype(dtype))
+    dtype = _floating("randn", dtype)
+    if dtype in (backend.float32, backend.float64):
+        values = rng.standard_normal(_shape(shape), dtype=dtype)
+    else:
+        values = rng.standard_normal(_shape(shape), dtype=backend.float32).astype(dtype)
     return Tensor(values, device=device or backend.get_default_device(), requires_grad=requires_grad)
 
 
 def rand(*shape, generator=None, dtype=backend.float32, device=None, requires_grad=False):
-    """Uniform draws in [0, 1)."""
+    """Uniform draws in [0, 1). float16 values are k / 2**11 for a uniform integer k < 2**11
+    (every float16 step in [0.5, 1)): a float32 draw rounded to float16 could become 1.0."""
     rng = generator or _default_generator
-    values = rng.random(_shape(shape), dtype=backend.as_dtype(dtype))
+    dtype = _floating("rand", dtype)
+    if dtype in (backend.float32, backend.float64):
+        values = rng.random(_shape(shape), dtype=dtype)
+    elif dtype == backend.float16:
+        values = rng.integers(0, 2 ** 11, size=_shape(shape)).astype(dtype) * 2.0 ** -11
+    else:  # wider than float64 (longdouble): float64 draws are exact in it
+        values = rng.random(_shape(shape), dtype=backend.float64).astype(dtype)
     return Tensor(values, device=device or backend.get_default_device(), requires_grad=requires_grad)
 
 

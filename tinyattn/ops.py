@@ -42,25 +42,47 @@ def _promote(a, b):
     return a, b
 
 
+def _first_operand(a, b, name):
+    """`a`, not a Tensor, as one: a number takes the dtype and device of `b`, which must then be a tensor."""
+    if not isinstance(b, Tensor) and not backend.is_array(a):
+        raise TypeError(f"{name}() needs a tensor operand, got {type(a).__name__} and {type(b).__name__}")
+    return _lift(a, b)
+
+
 def _binary(function_class, a, b):
     if not isinstance(a, Tensor):
-        a = _lift(a, b)
+        a = _first_operand(a, b, function_class.__name__.lower())
     b = _lift(b, a)
     a, b = _promote(a, b)
     return function_class.apply(a, b)
 
 
+def _int(value, name):
+    """`value` as an int (a numpy integer or a one-element integer tensor will do), or a TypeError naming it."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def _axis(ax, ndim, name="axis"):
+    """One axis as a non-negative int, or a clear error. A 0-d tensor takes 0 or -1 (as in
+    PyTorch), which come back as 0."""
+    ax, n = _int(ax, name), builtins.max(ndim, 1)
+    if not -n <= ax < n:
+        raise ValueError(f"{name} {ax} is out of range for a tensor with {ndim} dimensions (expected an int in [{-n}, {n - 1}])")
+    return ax % n
+
+
 def _normalize_axes(axis, ndim):
-    """`axis` (None, an int or a tuple) as a sorted tuple of non-negative axes."""
+    """`axis` (None, an int or a tuple of ints) as a sorted tuple of distinct non-negative
+    axes. () reduces nothing, as in NumPy; a 0-d tensor has no axis to reduce."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    normalized = []
-    for ax in axes:
-        if not -ndim <= ax < builtins.max(ndim, 1):
-            raise ValueError(f"axis {ax} is out of range for a tensor with {ndim} dimensions")
-        normalized.append(ax % ndim if ndim else 0)
-    return tuple(sorted(normalized))
+    axes = [_axis(ax, ndim) for ax in (axis if isinstance(axis, (tuple, list)) else (axis,))]
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"axis {tuple(axis)} names an axis twice")
+    return tuple(sorted(axes)) if ndim else ()
 
 
 def _keepdims_shape(shape, axes):
@@ -114,15 +136,43 @@ class Neg(Function):
 
 
 class Pow(Function):
+    """base ** exponent for two tensors (a Python number as the exponent takes PowScalar).
+
+    At base 0 the textbook rules give 0 * inf. There the gradients are PyTorch's: 0 for the
+    base where the exponent is 0, and 0 for the exponent where the exponent is at least 0.
+    The rules compute those places at base 1 instead (1 ** e is finite and ln 1 = 0), rather
+    than selecting 0 afterwards, so that they stay finite when differentiated again.
+    """
+
     def forward(self, base, exponent):
         return base ** exponent
 
     def backward(self, grad):
         base, exponent = self.inputs
         need_base, need_exponent = self.needs_input_grad
-        grad_base = grad * exponent * base ** (exponent - 1) if need_base else None
-        grad_exponent = grad * self.output * base.log() if need_exponent else None
+        at_zero = base.data == 0
+        grad_base = grad_exponent = None
+        if need_base:
+            safe = where(constant(at_zero & (exponent.data == 0)), 1.0, base)
+            grad_base = grad * exponent * safe ** (exponent - 1)
+        if need_exponent:
+            safe = where(constant(at_zero & (exponent.data >= 0)), 1.0, base)
+            grad_exponent = grad * self.output * safe.log()
         return grad_base, grad_exponent
+
+
+class PowScalar(Function):
+    """x ** exponent for a Python number, the common x ** 2: nothing to mask. Its rule's
+    x ** (exponent - 1) is again a PowScalar, so it differentiates to any order."""
+
+    def forward(self, x, exponent):
+        self.exponent = exponent
+        return x ** exponent
+
+    def backward(self, grad):
+        if self.exponent == 0:  # x ** 0 is constant; the rule would give 0 * inf at x = 0
+            return constant(self.xp.zeros_like(grad.data))
+        return grad * self.exponent * self.inputs[0] ** (self.exponent - 1)
 
 
 class MatMul(Function):
@@ -357,22 +407,25 @@ class Sum(Function):
 
 
 class _Extremum(Function):
-    """max or min over axes; the gradient goes to the elements that attain it, split between ties."""
+    """max or min over axes; the gradient goes to the elements that attain it, split evenly
+    between ties (PyTorch's amax rule), and to the NaNs of a slice that has any (its max)."""
 
     reduce = None
 
     def forward(self, x, axis, keepdims):
         self.axes = _normalize_axes(axis, x.ndim)
-        if x.size == 0:
-            raise ValueError(f"{type(self).__name__.lower()}() of an empty tensor of shape {x.shape}")
-        extreme = getattr(x, self.reduce)(axis=self.axes, keepdims=True)
-        attains = x == extreme
-        self.share = attains / attains.sum(axis=self.axes, keepdims=True, dtype=x.dtype)
-        return extreme if keepdims else extreme.reshape([n for i, n in enumerate(x.shape) if i not in self.axes])
+        if x.size == 0 and any(x.shape[a] == 0 for a in self.axes):
+            raise ValueError(f"{type(self).__name__.lower()}() over an axis of size 0 (shape {x.shape}) has no value")
+        return getattr(x, self.reduce)(axis=self.axes, keepdims=keepdims)
 
     def backward(self, grad):
-        x = self.inputs[0]
-        return grad.reshape(_keepdims_shape(x.shape, self.axes)) * constant(self.share)
+        x = self.inputs[0].data
+        # Found again from the input, not read from the output, which item assignment may have changed since.
+        extreme = getattr(x, self.reduce)(axis=self.axes, keepdims=True)
+        # NumPy's extreme of a slice with a NaN is NaN, which equals nothing: the NaNs attain it.
+        attains = (x == extreme) | self.xp.isnan(x)
+        share = attains / attains.sum(axis=self.axes, keepdims=True, dtype=x.dtype)
+        return grad.reshape(extreme.shape) * constant(share)
 
 
 class Max(_Extremum):
@@ -436,6 +489,31 @@ class GetItem(Function):
 
     def backward(self, grad):
         return ScatterAdd.apply(grad, index=self.index, shape=self.inputs[0].shape)
+
+
+class SetItem(Function):
+    """`x` with `value` written at `index`: the op `x[index] = value` records (Tensor.__setitem__).
+    It writes into a copy, so x's old array stays with the ops that used it before; in_place (only
+    when nothing is recorded) writes into x's own array, as NumPy does."""
+
+    def forward(self, x, value, index, in_place=False):
+        self.index = index
+        out = x if in_place else x.copy()
+        out[index] = value
+        return out
+
+    def backward(self, grad):
+        need_x, need_value = self.needs_input_grad
+        grad_x = grad_value = None
+        if need_x:  # the written positions no longer depend on x
+            kept = self.xp.ones(grad.shape, dtype=bool)
+            kept[self.index] = False
+            grad_x = grad * constant(kept)
+        if need_value:  # value was broadcast to x[index]: the engine sums it back to value's shape
+            grad_value, ndim = grad[self.index], self.inputs[1].ndim
+            if grad_value.ndim < ndim:  # NumPy also drops a value's leading 1s
+                grad_value = grad_value.reshape((1,) * (ndim - grad_value.ndim) + grad_value.shape)
+        return grad_x, grad_value
 
 
 class ScatterAdd(Function):
@@ -516,7 +594,7 @@ def mul(a, b):
 def div(a, b):
     """True division; two integer operands give float32, as in PyTorch (NumPy would give float64)."""
     if not isinstance(a, Tensor):
-        a = _lift(a, b)
+        a = _first_operand(a, b, "div")
     b = _lift(b, a)
     if a.dtype.kind in "iub" and b.dtype.kind in "iub":
         a, b = a.astype(backend.float32), b.astype(backend.float32)
@@ -524,6 +602,8 @@ def div(a, b):
 
 
 def pow(a, b):  # noqa: A001 (mirrors the operator's name, as numpy.power would)
+    if type(b) in (int, float) and isinstance(a, Tensor) and a.dtype.kind == "f":
+        return PowScalar.apply(a, exponent=b)  # a Python number keeps the tensor's dtype, as _lift would
     return _binary(Pow, a, b)
 
 
@@ -585,18 +665,38 @@ def sum(x, axis=None, keepdims=False):  # noqa: A001
     return Sum.apply(x, axis=axis, keepdims=keepdims)
 
 
+def _reciprocal(count):
+    """1 / count, and inf for a count of 0 or less: a sum times it is then inf, or nan for a
+    sum of 0 (over no elements, say), as PyTorch gives, where 1 / 0 would raise."""
+    return 1.0 / count if count > 0 else math.inf
+
+
 def mean(x, axis=None, keepdims=False):
+    """The mean; over no elements it is nan, as in PyTorch. NumPy's RuntimeWarning for that
+    nan (invalid value in multiply) is not silenced, as np.mean warns of an empty slice."""
     axes = _normalize_axes(axis, x.ndim)
     count = math.prod(x.shape[a] for a in axes)
-    return x.sum(axis=axes, keepdims=keepdims) * (1.0 / count)
+    return x.sum(axis=axes, keepdims=keepdims) * _reciprocal(count)
 
 
 def var(x, axis=None, keepdims=False, ddof=0):
-    """Variance as NumPy computes it: ddof=0 by default (PyTorch's default is ddof=1)."""
+    """Variance as NumPy computes it: ddof=0 by default (PyTorch's default is ddof=1, its
+    correction). With ddof at or above the count there are no degrees of freedom left: the
+    variance is inf, or nan where the values are all equal (over no elements, say), as in
+    PyTorch, never negative. NumPy's RuntimeWarning for a nan is not silenced (see mean)."""
     axes = _normalize_axes(axis, x.ndim)
     count = math.prod(x.shape[a] for a in axes)
     centered = x - x.mean(axis=axes, keepdims=True)
-    return (centered * centered).sum(axis=axes, keepdims=keepdims) * (1.0 / (count - ddof))
+    return (centered * centered).sum(axis=axes, keepdims=keepdims) * _reciprocal(count - ddof)
+
+
+def std(x, axis=None, keepdims=False, ddof=0):
+    """The standard deviation, the square root of var with the same ddof (so inf or nan as var is).
+    Where the values are all equal its gradient is 0, as in PyTorch, not sqrt's inf * 0: the
+    root is taken of 1 there and 0 selected, so that nothing inf enters the backward."""
+    variance = var(x, axis, keepdims, ddof)
+    equal = constant(variance.data == 0)
+    return where(equal, 0.0, where(equal, 1.0, variance).sqrt())
 
 
 def max(x, axis=None, keepdims=False):  # noqa: A001
@@ -608,11 +708,12 @@ def min(x, axis=None, keepdims=False):  # noqa: A001
 
 
 def argmax(x, axis=None, keepdims=False):
-    return constant(x.data.argmax(axis=axis, keepdims=keepdims))
+    """The index of the largest element, over the flattened tensor or along one axis (an int)."""
+    return constant(x.data.argmax(axis=None if axis is None else _axis(axis, x.ndim), keepdims=keepdims))
 
 
 def argmin(x, axis=None, keepdims=False):
-    return constant(x.data.argmin(axis=axis, keepdims=keepdims))
+    return constant(x.data.argmin(axis=None if axis is None else _axis(axis, x.ndim), keepdims=keepdims))
 
 
 def reshape(x, *shape):
@@ -621,15 +722,21 @@ def reshape(x, *shape):
 
 
 def transpose(x, *axes):
+    """The axes permuted as NumPy's transpose does (all of them, in their new order), or reversed."""
     axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
-    if axes and sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
-        raise ValueError(f"transpose axes {tuple(axes)} are not a permutation of the {x.ndim} axes of shape {x.shape}")
-    return Transpose.apply(x, axes=tuple(a % x.ndim for a in axes) if axes else None)
+    if not axes:
+        return Transpose.apply(x, axes=None)
+    axes = tuple(_axis(a, x.ndim, "transpose axis") for a in axes)
+    if sorted(axes) != list(range(x.ndim)):
+        raise ValueError(f"transpose axes {axes} are not a permutation of the {x.ndim} axes of shape {x.shape}")
+    return Transpose.apply(x, axes=axes)
 
 
 def swapaxes(x, axis1, axis2):
+    axis1, axis2 = _axis(axis1, x.ndim, "axis1"), _axis(axis2, x.ndim, "axis2")
     axes = list(range(x.ndim))
-    axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
+    if axes:  # a 0-d tensor's axis 0 is no axis: nothing to swap
+        axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
     return Transpose.apply(x, axes=tuple(axes))
 
 
@@ -642,7 +749,7 @@ def squeeze(x, axis=None):
 
 
 def unsqueeze(x, axis):
-    if not -x.ndim - 1 <= axis <= x.ndim:
+    if not -x.ndim - 1 <= _int(axis, "unsqueeze axis") <= x.ndim:
         raise ValueError(f"unsqueeze axis {axis} is out of range for a tensor with {x.ndim} dimensions")
     axis = axis % (x.ndim + 1)
     return x.reshape(x.shape[:axis] + (1,) + x.shape[axis:])
@@ -659,6 +766,10 @@ def expand(x, *shape):
     """PyTorch's expand: broadcast_to where -1 keeps the existing size."""
     shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
     lead = len(shape) - x.ndim
+    if lead < 0:
+        raise ValueError(f"expand: shape {tuple(shape)} has fewer dimensions than the tensor's shape {x.shape}")
+    if -1 in shape[:lead]:
+        raise ValueError(f"expand: shape {tuple(shape)} has -1 for a new leading dimension, which has no size to keep")
     return broadcast_to(x, tuple(x.shape[i - lead] if n == -1 else n for i, n in enumerate(shape)))
 
 
@@ -680,23 +791,40 @@ def _index_item(item, tensor):
     return item
 
 
+def _index(index, x):
+    return tuple(_index_item(item, x) for item in (index if isinstance(index, tuple) else (index,)))
+
+
 def getitem(x, index):
-    index = tuple(_index_item(item, x) for item in (index if isinstance(index, tuple) else (index,)))
-    return GetItem.apply(x, index=index)
+    return GetItem.apply(x, index=_index(index, x))
+
+
+def setitem(x, index, value, in_place=False):
+    """`x` with `value` at `index`, a new tensor: `x[index] = value` records this and makes x that
+    tensor (Tensor.__setitem__). in_place writes into x's array instead, unrecorded."""
+    return SetItem.apply(x, _lift(value, x), index=_index(index, x), in_place=in_place)
+
+
+def _tensor_list(tensors, name):
+    """`tensors` as a non-empty list of Tensors, or an error saying which item is not one."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{name}() needs at least one tensor")
+    for position, tensor in enumerate(tensors):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name}() needs a sequence of tensors, got {type(tensor).__name__} at position {position}")
+    return tensors
 
 
 def concatenate(tensors, axis=0):
-    tensors = list(tensors)
-    if not tensors:
-        raise ValueError("concatenate() needs at least one tensor")
-    axis = _normalize_axes(axis, tensors[0].ndim)[0]
-    return Concatenate.apply(*tensors, axis=axis)
+    tensors = _tensor_list(tensors, "concatenate")
+    if tensors[0].ndim == 0:
+        raise ValueError("concatenate() needs tensors with at least one dimension, got a 0-d tensor (stack() joins those)")
+    return Concatenate.apply(*tensors, axis=_axis(axis, tensors[0].ndim))
 
 
 def stack(tensors, axis=0):
-    tensors = list(tensors)
-    if not tensors:
-        raise ValueError("stack() needs at least one tensor")
+    tensors = _tensor_list(tensors, "stack")
     shapes = {t.shape for t in tensors}
     if len(shapes) > 1:
         raise ValueError(f"stack() needs tensors of one shape, got {sorted(shapes)}")
@@ -705,7 +833,9 @@ def stack(tensors, axis=0):
 
 def split(x, indices_or_sections, axis=0):
     """NumPy's split: into equal sections, or at the given indices; a list of views."""
-    axis = _normalize_axes(axis, x.ndim)[0]
+    if x.ndim == 0:
+        raise ValueError("split() needs a tensor with at least one dimension, got a 0-d tensor")
+    axis = _axis(axis, x.ndim)
     length = x.shape[axis]
     if isinstance(indices_or_sections, int):
         if indices_or_sections <= 0 or length % indices_or_sections:

@@ -27,16 +27,21 @@ from .softmax import softmax
 from .sublayer import FusedSublayer
 
 
-def attention_mask(mask, causal, query_length, key_length, like):
+def attention_mask(mask, causal, query_length, key_length, like, weights_shape=None):
     """The boolean may-attend mask (an array) combining `mask` and a causal mask, or None for no mask.
 
     The causal mask is aligned bottom-right: query i sits at position S - T + i, so a
-    query block decoded against a longer cache sees every earlier key.
+    query block decoded against a longer cache sees every earlier key. weights_shape: the
+    attention weights' shape (..., T, S), which `mask` must broadcast to (checked on the
+    shapes alone, nothing read from the device).
     """
     allowed = None
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != backend.bool_:
             raise TypeError(f"attention mask must be a boolean tensor (True = may attend), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if weights_shape is not None and not _broadcasts_to(mask.shape, weights_shape):
+            raise ValueError(f"attention mask of shape {mask.shape} must broadcast to the attention weights' shape "
+                             f"(..., queries, keys) = {weights_shape}")
         allowed = mask.data
     if causal:
         xp = like.xp
@@ -44,6 +49,10 @@ def attention_mask(mask, causal, query_length, key_length, like):
         lower = xp.arange(key_length)[None, :] <= xp.arange(query_length)[:, None] + offset
         allowed = lower if allowed is None else allowed & lower
     return allowed
+
+
+def _broadcasts_to(shape, target):
+    return len(shape) <= len(target) and all(n in (1, m) for n, m in zip(reversed(shape), reversed(target)))
 
 
 # --- the core ----------------------------------------------------------------------------------
@@ -148,8 +157,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, causal=False, dropout_p=0.0
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p and generator is None:
         raise ValueError("attention dropout needs a seeded generator (generator=tinyattn.Generator(seed))")
-    allowed = attention_mask(mask, causal, q.shape[-2], k.shape[-2], q)
     weights_shape = q.shape[:-1] + (k.shape[-2],)
+    allowed = attention_mask(mask, causal, q.shape[-2], k.shape[-2], q, weights_shape)
     keep_scale = dropout_mask(weights_shape, dropout_p, generator, q).data if dropout_p else None
     if fused_selected():
         out, weights = FusedAttention.apply(q, k, v, allowed=allowed, keep_scale=keep_scale)
@@ -343,8 +352,8 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
         source_length += cache["k"].shape[2]
     elif cache is not None and "k" in cache:
         source_length = cache["k"].shape[2]
-    allowed = attention_mask(mask, causal, x.shape[1], source_length, x)
     weights_shape = (x.shape[0], heads, x.shape[1], source_length)
+    allowed = attention_mask(mask, causal, x.shape[1], source_length, x, weights_shape)
     keep_scale = dropout_mask(weights_shape, dropout_p, generator, x).data if dropout_p else None
     fused = fused_selected()
     records = fused and _records_gradients(x, context, *projections)

@@ -1,5 +1,6 @@
 """The basic layers: Linear, Embedding, LayerNorm, Dropout and the activations."""
 import math
+import numbers
 
 from .. import backend, functional as F
 from ..creation import default_generator, empty_parameter_data
@@ -47,18 +48,34 @@ class Embedding(Module):
 
 
 class LayerNorm(Module):
-    """Normalises the last axis, then scales and shifts it (tinyattn.kernels.layer_norm)."""
+    """Normalises the last axes, then scales and shifts them (tinyattn.kernels.layer_norm).
+
+    normalized_shape: an int (the last axis) or a tuple or list of the last axes' sizes, as
+    in PyTorch, which keeps it as a tuple; weight and bias have that shape. Several axes are
+    normalised as one, flattened to a last axis of their product.
+    """
 
     def __init__(self, normalized_shape, eps=1e-5, device=None, dtype=backend.float32):
         super().__init__()
-        self.normalized_shape, self.eps = normalized_shape, eps
-        self.weight = init.ones_(Parameter(empty_parameter_data((normalized_shape,), dtype, device)))
-        self.bias = init.zeros_(Parameter(empty_parameter_data((normalized_shape,), dtype, device)))
+        shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else (normalized_shape,)
+        if not all(isinstance(n, numbers.Integral) for n in shape):
+            raise TypeError(f"LayerNorm: normalized_shape must be an int or a tuple or list of ints, got {normalized_shape!r}")
+        if not shape or not all(n > 0 for n in shape):
+            raise ValueError(f"LayerNorm: normalized_shape must be positive sizes, at least one, got {normalized_shape!r}")
+        self.normalized_shape, self.eps = tuple(int(n) for n in shape), eps
+        self.weight = init.ones_(Parameter(empty_parameter_data(self.normalized_shape, dtype, device)))
+        self.bias = init.zeros_(Parameter(empty_parameter_data(self.normalized_shape, dtype, device)))
 
     def forward(self, x):
-        if x.shape[-1] != self.normalized_shape:
-            raise ValueError(f"LayerNorm({self.normalized_shape}) got input of shape {x.shape}")
-        return F.layer_norm(x, self.weight, self.bias, self.eps)
+        axes = len(self.normalized_shape)
+        if x.shape[-axes:] != self.normalized_shape:
+            raise ValueError(f"LayerNorm({self.normalized_shape}) needs input of shape (..., "
+                             f"{', '.join(map(str, self.normalized_shape))}), got {x.shape}")
+        if axes == 1:
+            return F.layer_norm(x, self.weight, self.bias, self.eps)
+        size = self.weight.size
+        flat = F.layer_norm(x.reshape(*x.shape[:-axes], size), self.weight.reshape(size), self.bias.reshape(size), self.eps)
+        return flat.reshape(*x.shape)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}"

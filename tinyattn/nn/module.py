@@ -25,11 +25,49 @@ class Parameter(Tensor):
 class Module:
     """Base class of layers and models: subclasses assign parts in __init__ and define forward()."""
 
+    # (kind, hook) pairs, "pre" or "post", in the order registered: a class default, so that calling a
+    # module without hooks costs one test of an empty tuple.
+    _forward_hooks = ()
+
     def __init__(self):
         self.training = True
 
     def __call__(self, *args, **kwargs):
+        if self._forward_hooks:
+            return self._call_with_hooks(args, kwargs)
         return self.forward(*args, **kwargs)
+
+    def _call_with_hooks(self, args, kwargs):
+        hooks = tuple(self._forward_hooks)  # a hook that removes itself must not upset this call
+        for kind, hook in hooks:
+            if kind == "pre":
+                changed = hook(self, args)
+                if changed is not None:
+                    args = changed if isinstance(changed, tuple) else (changed,)
+        output = self.forward(*args, **kwargs)
+        for kind, hook in hooks:
+            if kind == "post":
+                changed = hook(self, args, output)
+                if changed is not None:
+                    output = changed
+        return output
+
+    def register_forward_pre_hook(self, hook):
+        """Call `hook(module, args)` before every forward; it may return replacement args (a tuple,
+        or one value). As in PyTorch; returns a handle whose remove() detaches the hook."""
+        return self._add_forward_hook("pre", hook)
+
+    def register_forward_hook(self, hook):
+        """Call `hook(module, args, output)` after every forward; it may return a replacement output.
+        As in PyTorch; returns a handle whose remove() detaches the hook."""
+        return self._add_forward_hook("post", hook)
+
+    def _add_forward_hook(self, kind, hook):
+        if not callable(hook):
+            raise TypeError(f"a forward hook must be callable, got {type(hook).__name__}")
+        if "_forward_hooks" not in vars(self):
+            self._forward_hooks = []
+        return backend.HookHandle(self._forward_hooks, (kind, hook))
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
