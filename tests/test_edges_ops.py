@@ -317,3 +317,8 @@ def test_std_matches_torch(ddof, axis, keepdims):
     expected.sum().backward()
     np.testing.assert_allclose(x.grad.numpy(), xt.grad.numpy(), rtol=1e-10)
     assert ta.gradgradcheck(lambda x: x.std(axis=axis, ddof=ddof), [leaf(values)])
+
+
+def test_std_is_a_top_level_function_as_var_is():
+    x = ta.tensor([1.0, 3.0], dtype=ta.float64)
+    assert ta.std(x).item() == x.std().item() == 1.0

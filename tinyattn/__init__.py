@@ -4,7 +4,7 @@ from .backend import (DeviceError, bool_, cuda_available, float16, float32, floa
 from .engine import Function, Tensor, enable_grad, grad, is_grad_enabled, no_grad, set_grad_enabled
 from .creation import Generator, arange, full, manual_seed, ones, ones_like, rand, randn, tensor, zeros, zeros_like
 from .ops import (abs, argmax, argmin, clip, concatenate, exp, gelu, log, masked_fill, matmul, max, maximum, mean, min,
-                  minimum, relu, sigmoid, split, sqrt, stack, sum, tanh, var, where)
+                  minimum, relu, sigmoid, split, sqrt, stack, std, sum, tanh, var, where)
 from .gradcheck import GradcheckError, gradcheck, gradgradcheck
 from . import functional, kernels, nn, optim, profiler
 
