@@ -10,15 +10,20 @@ import argparse
 import os
 import sys
 
-import tinyattn as ta
-from models import MODELS, Config, ConfigError
-from models.config import RUN_SETTINGS, flag_name, setting_name
-from models.evaluation import show_decode, show_evaluation
-from models.lock import LockError
-from models.training import CHECKPOINT_NAME, Run, load_state, train
-from tinyattn import checkpoint, kernels
-from tinyattn.cpu import tune_allocator
-from tinyattn.tasks import FIRST_SYMBOL, TASKS
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
+try:  # Ctrl-C while NumPy and tinyattn load (a fifth of a second): one line, as at any other moment
+    import tinyattn as ta
+    from models import MODELS, Config, ConfigError, memory
+    from models.config import RUN_SETTINGS, default_warmup, flag_name, setting_name
+    from models.evaluation import show_decode, show_evaluation
+    from models.lock import LockError
+    from models.training import BEST_NAME, CHECKPOINT_NAME, Run, load_state, train
+    from tinyattn import checkpoint, kernels
+    from tinyattn.cpu import tune_allocator
+    from tinyattn.tasks import FIRST_SYMBOL, TASKS
+except KeyboardInterrupt:
+    print("train.py: interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT)
 
 DEFAULTS = Config()
 
@@ -50,7 +55,8 @@ def build_parser():
     training.add_argument("--batch-size", type=int, help="sequences per step (default 64)")
     training.add_argument("--lr", type=float, help="peak learning rate of Adam (default 3e-3)")
     training.add_argument("--grad-clip", type=float, help="clip the gradients' global norm to this; 0 turns it off (default 0)")
-    training.add_argument("--warmup", type=int, help="steps of linear warmup before the cosine decay (default 100)")
+    training.add_argument("--warmup", type=int, help="steps of linear warmup before the cosine decay "
+                          "(default a tenth of --steps, at most 100)")
     training.add_argument("--steps", type=int, help="total optimizer steps; the cosine decay ends here (default 1500)")
     training.add_argument("--eval-every", type=int, help="evaluate and save a checkpoint every this many steps (default 100)")
     training.add_argument("--eval-size", type=int, help="held-out sequences to evaluate on (default 512)")
@@ -64,7 +70,8 @@ def build_parser():
                           "(default fused; a run setting: a checkpoint trained with one loads and decodes with the other)")
     training.add_argument("--stop-at", type=int, help="stop at this step and save, as if interrupted (to split a run in parts)")
     files = parser.add_argument_group("files")
-    files.add_argument("--out", help=f"folder for {CHECKPOINT_NAME} (default runs; with --resume, the folder of the checkpoint resumed)")
+    files.add_argument("--out", help=f"folder for {CHECKPOINT_NAME}, the latest, and {BEST_NAME}, the best held-out exact-match "
+                       "once a run goes wrong after it (default runs; with --resume, the folder of the checkpoint resumed)")
     files.add_argument("--log", help="append one JSON line per evaluation to this file")
     files.add_argument("--resume", metavar="PATH", help="continue training from this checkpoint")
     inspect = parser.add_argument_group("inspect a trained model (no training)")
@@ -93,12 +100,34 @@ def settings_from(args, saved=None, parser=None):
             key, value = next(iter(fixed.items()))
             raise checkpoint.CheckpointError(path, f"was trained with {flag_name(key)} {getattr(config, key)}, not {value}; "
                                              "model, data and optimizer settings come from the checkpoint")
+        if "steps" in given and given["steps"] <= config.warmup:
+            parser.error(f"--steps ({given['steps']}) must be more than the warmup of {path} ({config.warmup} steps, "
+                         f"fixed once trained): give --steps above {config.warmup}")
+    elif "warmup" not in given:
+        given["warmup"] = default_warmup(given.get("steps", DEFAULTS.steps))
     config = config.replace(**given)
     try:
         config.check(flag_name)
     except ConfigError as error:
         parser.error(str(error))
+    check_memory(config, saved, given, args, parser)
     return config
+
+
+def check_memory(config, saved, given, args, parser):
+    """Refuse a run whose estimated memory (models/memory.py) exceeds what is available, before
+    anything is allocated: a flag's fault in flag terms (exit 2), a checkpoint's naming the file."""
+    training = not args.checkpoint
+    unknown = memory.unknown(config, training, checkpoint=saved is not None)
+    if unknown:
+        print(f"train.py: note: {unknown}", file=sys.stderr)
+    found = memory.shortfall(config, training=training, checkpoint=saved is not None)
+    if found is None:
+        return
+    part, _ = found
+    if saved is None or part == "eval set" and "eval_size" in given:
+        parser.error("this run " + memory.shortfall(config, flag_name, training, saved is not None, first=given)[1])
+    raise checkpoint.CheckpointError(args.resume or args.checkpoint, f"its config {found[1]}")
 
 
 def parse_symbols(text, config, parser):
@@ -150,7 +179,13 @@ def main(argv=None):
     except (checkpoint.CheckpointError, LockError, OSError) as error:  # unreadable checkpoints, busy or unwritable --out or --log
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
-
+    except MemoryError:  # past models/memory.py's estimate, or on a GPU, whose memory it does not check
+        print("train.py: error: out of memory; make the model, --batch-size or --eval-size smaller", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before training's signal handlers are in place, or while inspecting
+        done = "; nothing was written" if args.checkpoint else " before the first step; nothing was saved"
+        print(f"train.py: interrupted{done}", file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 if __name__ == "__main__":
     sys.exit(main())

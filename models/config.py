@@ -29,6 +29,11 @@ def setting_name(setting):
     return repr(setting)
 
 
+def default_warmup(steps):
+    """--warmup when not given: a tenth of --steps, at most 100 (so --steps 50 warms up for 5)."""
+    return min(100, steps // 10)
+
+
 @dataclasses.dataclass
 class Config:
     """What a run trains (task, model, optimizer: fixed once a checkpoint exists) and how it runs."""
@@ -49,7 +54,7 @@ class Config:
     batch_size: int = 64
     lr: float = 3e-3
     grad_clip: float = 0.0
-    warmup: int = 100
+    warmup: int = 100  # default_warmup(steps) on the command line
     steps: int = 1500
     seed: int = 0
     # how the run runs: a resumed run may change these (RUN_SETTINGS)
@@ -107,6 +112,7 @@ class Config:
         require(self.grad_clip >= 0 and math.isfinite(self.grad_clip), "grad_clip", f"must be at least 0, got {self.grad_clip}")
         require(0 <= self.warmup < self.steps, "warmup",
                 f"must be at least 0 and less than {name('steps')} ({self.steps}), got {self.warmup}")
+        require(self.seed >= 0, "seed", f"must be at least 0, got {self.seed}")
         require(0.0 < self.target_accuracy <= 1.0, "target_accuracy", f"must be in (0, 1], got {self.target_accuracy}")
         require(self.threads is None or self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
         require(self.threads is None or self.threads <= self.batch_size, "threads",

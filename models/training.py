@@ -11,8 +11,10 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 from tqdm import tqdm
@@ -24,11 +26,18 @@ from tinyattn.parallel import ShardedBackward, default_shards
 from tinyattn.tasks import PAD, SequenceTask
 
 from . import build_model
-from .config import ConfigError
+from .config import Config, ConfigError
 from .evaluation import evaluate, show_by_length, show_samples
 from .lock import Lock
+from .memory import parameter_count, size_text
 
 CHECKPOINT_NAME = "checkpoint.npz"
+BEST_NAME = "best.npz"  # the checkpoint of the best held-out exact-match, once a run goes wrong after it
+# An exact-match below half the best, once the best is at least this, is a run gone wrong; early on a learning
+# run's evaluations swing (0.28, then 0.0, on 64 sequences of the tiny copy task), and those are noise.
+BEST_COLLAPSE = 0.5
+EXPLODED = 10  # a loss this many times its best so far (and above chance) is flagged, once
+LOG_SPACE = 2**20  # bytes free that --log needs to be worth starting: a line per evaluation
 PROGRESS_EVERY = 10  # steps between updates of the progress bar's figures
 INTERRUPTED_EXIT = 130  # 128 + SIGINT's number, as shells report it; SIGTERM ends with 143, SIGHUP with 129
 # Signals that finish the step, save and exit as Ctrl-C does (SIGHUP: the terminal closed; SIGTERM: kill, a job queue)
@@ -99,6 +108,7 @@ class Run:
         self.stream = self.task.batches(config.batch_size, config.seed, device=config.device)
         self.sharded = ShardedBackward(shards_for(config), dropout_generator=self.model.generator if config.dropout else None)
         self.step, self.elapsed_before = 0, 0.0
+        self.best = None  # {"step", "exact_match"}: the best held-out evaluation saved in this run's folder
 
     def train_step(self, read_accuracy=False):
         """One optimizer step on the next batch: (loss, batch, the batch's token accuracy, or
@@ -136,9 +146,12 @@ class Run:
     def state(self, elapsed):
         return {"config": self.config.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "step": self.step, "data": self.stream.state(),
-                "dropout_generator": self.model.generator.bit_generator.state, "elapsed": elapsed}
+                "dropout_generator": self.model.generator.bit_generator.state, "elapsed": elapsed, "best": self.best}
 
     def restore(self, state, path):
+        problem = saved_state_problem(state)
+        if problem:
+            raise checkpoint.CheckpointError(path, problem)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -146,8 +159,60 @@ class Run:
             self.stream.set_state(state["data"])
             self.model.generator.bit_generator.state = state["dropout_generator"]
             self.step, self.elapsed_before = int(state["step"]), float(state["elapsed"])
-        except (KeyError, ValueError, TypeError) as error:
+            self.best = state.get("best")
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError) as error:  # generators' states too
             raise checkpoint.CheckpointError(path, f"does not fit the model and optimizer: {error}") from None
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _array_problem(value, what):
+    """Why a saved weight or optimizer moment cannot be trained from, or None: it must be a
+    floating-point array of finite values (loading would cast integers silently, and a
+    NaN or inf spreads to every weight at the first step)."""
+    if not backend.is_array(value):
+        return f"its {what} is {type(value).__name__}, not an array"
+    if value.dtype.kind != "f":
+        return f"its {what} holds {value.dtype} values, not floating point"
+    xp = backend.array_module(value)
+    bad = int(value.size - xp.isfinite(value).sum())
+    return f"its {what} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}" if bad else None
+
+
+def saved_state_problem(state):
+    """What makes a loaded checkpoint's training state unusable, in words naming the part, or
+    None. Shapes and names are left to the loaders (Module/Adam.load_state_dict); this checks
+    what they would let through: values, and the step counts against the saved config."""
+    steps = state["config"].get("steps", Config.steps)  # checked by Config.from_dict before a Run is built
+    step = state.get("step")
+    if not _is_count(step) or not 0 <= step <= steps:
+        return f"its step is {step!r}; a run's step is a whole number from 0 to its config's 'steps' ({steps})"
+    elapsed = state.get("elapsed")
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed < math.inf:
+        return f"its elapsed time is {elapsed!r}, not a number of seconds"
+    for name, value in state["model"].items():
+        problem = _array_problem(value, f"weight {name!r}")
+        if problem:
+            return problem
+    optimizer = state.get("optimizer")
+    slots = optimizer.get("state") if isinstance(optimizer, dict) else None
+    for index, moments in (slots.items() if isinstance(slots, dict) else ()):
+        for name, value in (moments.items() if isinstance(moments, dict) else ()):  # Adam's: a step count, then moments
+            if name == "step":
+                if not _is_count(value) or not 0 <= value <= steps:
+                    return f"its optimizer state 'step' of parameter {index} is {value!r}, not a step from 0 to {steps}"
+                continue
+            problem = _array_problem(value, f"optimizer state {name!r} of parameter {index}")
+            if problem:
+                return problem
+    best = state.get("best")
+    if best is not None and not (isinstance(best, dict) and set(best) == {"step", "exact_match"} and _is_count(best["step"])
+                                 and 0 <= best["step"] <= step and isinstance(best["exact_match"], (int, float))
+                                 and not isinstance(best["exact_match"], bool) and 0 <= best["exact_match"] <= 1):
+        return f"its record of the best evaluation is {best!r}, not a step up to {step} and an exact-match in [0, 1]"
+    return None
 
 
 def load_state(path):
@@ -219,6 +284,95 @@ def claim_outputs(config, path, resume_path, start_step):
     return held
 
 
+def _existing_part(path):
+    """The longest leading part of `path` that exists ("." for a relative path none of which does)."""
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path or "."
+
+
+def _make_folder(folder, what):
+    existing = _existing_part(folder)
+    if not os.path.isdir(existing):
+        raise OSError(f"{what}: {existing} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create {what}: {error.strerror or error}") from None
+
+
+def _free_space(folder):
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_outputs(config):
+    """Refuse, before the first step, an --out that is a file, cannot be written in or has no
+    room for a checkpoint, and a --log that is a folder, cannot be written or lies on a full
+    disk. Messages name the paths as given; a probe file is removed again, so a run refused
+    later leaves nothing new but the folders."""
+    what = f"--out {config.out}"
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise OSError(f"{what} is a file, not a folder")
+    _make_folder(config.out, what)
+    try:
+        handle, probe = tempfile.mkstemp(prefix=checkpoint.TEMPORARY_PREFIX, suffix=checkpoint.TEMPORARY_SUFFIX, dir=config.out)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise OSError(f"cannot write in {what}: {error.strerror or error}") from None
+    need = parameter_count(config) * 12 + 2**16  # float32 weights and Adam's two moments, and the JSON
+    free = _free_space(config.out)
+    if free is not None and free < need:
+        raise OSError(f"{what}: its disk has {size_text(free)} free, and a checkpoint of this run takes about {size_text(need)}")
+    if not config.log:
+        return
+    what = f"--log {config.log}"
+    if os.path.isdir(config.log):
+        raise OSError(f"{what} is a folder, not a file")
+    folder = os.path.dirname(config.log) or "."
+    _make_folder(folder, f"the folder of {what}")
+    existed = os.path.exists(config.log)
+    try:
+        with open(config.log, "a"):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot write {what}: {error.strerror or error}") from None
+    if not existed:
+        os.unlink(config.log)
+    free = _free_space(folder)
+    if (not existed or os.path.isfile(config.log)) and free is not None and free < LOG_SPACE:  # not /dev/null and the like
+        raise OSError(f"{what}: its disk is full ({size_text(free)} free)")
+
+
+def carried_best(run, config, path, resume_path, saved_config):
+    """The best evaluation a resumed run goes on from, or None: the checkpoint's record holds
+    for its own folder and held-out set only (best.npz is the best among that folder's saves)."""
+    if run.best is None or not os.path.exists(path) or not os.path.samefile(path, resume_path):
+        return None
+    return run.best if saved_config.get("eval_size") == config.eval_size else None
+
+
+def keep_as_best(path, best_path):
+    """Make the checkpoint at `path`, about to be replaced by a worse one, best.npz: a hard link
+    renamed into place (no copy; the old checkpoint's file lives on under the new name), or a
+    copy where the file system has no links. A temporary name first, so best.npz is always whole."""
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(folder, f"{checkpoint.TEMPORARY_PREFIX}best{checkpoint.TEMPORARY_SUFFIX}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    try:
+        os.link(path, temporary)
+    except OSError:
+        shutil.copyfile(path, temporary)
+    os.replace(temporary, best_path)
+
+
 def train(config, resume=None, resume_path=None):
     """Train until config.steps, the target accuracy or an interruption; returns the exit code."""
     run = Run(config)
@@ -226,8 +380,12 @@ def train(config, resume=None, resume_path=None):
         run.restore(resume, resume_path)
         if config.stop_at is not None and config.stop_at <= run.step:
             raise ConfigError(f"--stop-at ({config.stop_at}) must be after the step of --resume {resume_path} ({run.step})")
+    check_outputs(config)
     eval_batches = run.eval_set()
-    path = os.path.join(config.out, CHECKPOINT_NAME)
+    path, best_path = os.path.join(config.out, CHECKPOINT_NAME), os.path.join(config.out, BEST_NAME)
+    if resume is not None:
+        run.best = carried_best(run, config, path, resume_path, resume["config"])
+    latest_is_best = run.best is not None and run.best["step"] == run.step  # then `path` holds the best: keep it
     outputs = claim_outputs(config, path, resume_path if resume is not None else None, run.step)
     log = progress = log_failure = None
     interrupted, previous_handlers = [], {}
@@ -241,6 +399,7 @@ def train(config, resume=None, resume_path=None):
                 previous_handlers[number] = signal.signal(number, lambda signum, frame: interrupted.append(signum))
         start = time.perf_counter()
         saved_step, result = None, None
+        best_loss, chance_loss, flagged = math.inf, math.log(run.task.vocab_size), False
         progress = tqdm(total=config.steps, initial=run.step, unit="step", dynamic_ncols=True)
         window_start, window_tokens = time.perf_counter(), 0
         while run.step < config.steps:
@@ -250,6 +409,12 @@ def train(config, resume=None, resume_path=None):
                 return stop_on_divergence(progress, f"the loss became {loss_value} at step {run.step + 1}", path, saved_step)
             window_tokens += batch.num_tokens
             progress.update(1)
+            if loss_value < best_loss:
+                best_loss = loss_value
+            elif not flagged and loss_value > EXPLODED * best_loss and loss_value > chance_loss:  # worse than guessing, too
+                flagged = True
+                progress.write(f"warning: the loss is {loss_value:.4g} at step {run.step}, over {EXPLODED}x its best so far "
+                               f"({best_loss:.4g}): training is diverging; a lower --lr (now {config.lr:g}) or --grad-clip may help")
             if shows_progress:
                 now = time.perf_counter()
                 progress.set_postfix(loss=f"{loss_value:.4f}", acc=f"{accuracy:.3f}", lr=f"{run.optimizer.lr:.2e}",
@@ -273,8 +438,20 @@ def train(config, resume=None, resume_path=None):
             if due or stop:
                 if not parameters_finite(run.model):  # never save a diverged model over the last good one
                     return stop_on_divergence(progress, f"the weights became non-finite at step {run.step}", path, saved_step)
-                checkpoint.save(path, run.state(elapsed))
-                saved_step = run.step
+                improved = due and (run.best is None or result["exact_match"] >= run.best["exact_match"])
+                try:
+                    if latest_is_best and due and not improved and (flagged or run.best["exact_match"] >= BEST_COLLAPSE
+                                                                    and result["exact_match"] < run.best["exact_match"] / 2):
+                        keep_as_best(path, best_path)  # a run gone wrong, not noise: keep its best evaluation
+                    if improved:
+                        run.best = {"step": run.step, "exact_match": result["exact_match"]}
+                    checkpoint.save(path, run.state(elapsed))
+                    if improved and os.path.exists(best_path):  # an older, worse best
+                        os.unlink(best_path)
+                except OSError as error:
+                    last = f"the last checkpoint saved is step {saved_step}" if saved_step else "no checkpoint was saved"
+                    raise OSError(f"cannot save {path}: {error.strerror or error}; {last}") from None
+                saved_step, latest_is_best = run.step, improved
                 if log_failure is not None:
                     raise OSError(f"cannot write --log {config.log}: {log_failure.strerror or log_failure}; "
                                   f"step {run.step} is saved in {path}") from None
@@ -301,7 +478,12 @@ def train(config, resume=None, resume_path=None):
         print(f"stopped at step {run.step} as asked; resume with: python train.py --resume {path}")
         return 0
     if result is None or saved_step != run.step:
-        result = run.evaluate(eval_batches)
+        try:
+            result = run.evaluate(eval_batches)
+        except KeyboardInterrupt:  # the stop signals' handlers are gone: Ctrl-C lands here
+            saved = f"step {saved_step} is saved in {path}" if saved_step is not None else "this run saved nothing"
+            print(f"train.py: interrupted during the final evaluation; {saved}", file=sys.stderr)
+            return INTERRUPTED_EXIT
     reached = "reached" if result["exact_match"] >= config.target_accuracy else "did not reach"
     print(f"held-out ({result['sequences']} sequences): exact-match {result['exact_match']:.1%}, "
           f"token accuracy {result['token_accuracy']:.1%} ({reached} the target {config.target_accuracy:.0%})")

@@ -96,7 +96,11 @@ def check_device(device):
 def get_default_device():
     global _default_device
     if _default_device is None:
-        _default_device = check_device(os.environ.get("TINYATTN_DEVICE", "cpu") or "cpu")
+        device = os.environ.get("TINYATTN_DEVICE", "cpu") or "cpu"
+        try:
+            _default_device = check_device(device)
+        except DeviceError as error:  # the user set no flag: say where the device came from
+            raise DeviceError(f"TINYATTN_DEVICE={device}: {error}") from None
     return _default_device
 
 

@@ -8,7 +8,9 @@ array (the config, generator states, step counts) travels as JSON text inside th
 import json
 import os
 import tempfile
+import tokenize
 import zipfile
+import zlib
 
 import numpy  # the .npz format itself; tensor data reaches it as host copies (backend.to_host)
 
@@ -19,6 +21,7 @@ FORMAT = "tinyattn-checkpoint-1"
 TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".checkpoint-", ".npz.tmp"  # what `save` writes before the rename
 ARRAY_MARK = "__array__"
 ZIP_MAGIC = b"PK\x03\x04"  # .npz files are zip archives
+READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)  # what zipfile reads
 
 
 class CheckpointError(Exception):
@@ -63,6 +66,18 @@ def load_arrays(path):
     """Read every array of an .npz file into memory, refusing pickled objects."""
     with numpy.load(path, allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
+
+
+def _unreadable_entry(path):
+    """(name, method) of the first zip entry compressed in a way zipfile cannot read, or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.compress_type not in READABLE_METHODS:
+                    return info.filename, info.compress_type
+    except Exception:  # asked only to word an error already caught; a second one adds nothing
+        pass
+    return None
 
 
 def save(path, state):
@@ -118,9 +133,20 @@ def load(path):
         raise CheckpointError(path, f"not a readable .npz file ({error})") from None
     except (zipfile.BadZipFile, EOFError, OSError) as error:
         raise CheckpointError(path, f"truncated or not an .npz file ({type(error).__name__}: {error})") from None
+    except (NotImplementedError, RuntimeError) as error:  # zipfile: a compression method or zip version it lacks
+        entry = _unreadable_entry(path)
+        where = f"its entry {entry[0]!r} uses zip compression method {entry[1]}" if entry else f"it needs a zip feature ({error})"
+        raise CheckpointError(path, f"{where}, which Python's zipfile cannot read; tinyattn writes plain, uncompressed entries") from None
+    except (tokenize.TokenError, SyntaxError) as error:  # an array header that is not a Python literal
+        raise CheckpointError(path, f"damaged: an array's header cannot be parsed ({error})") from None
+    except zlib.error as error:
+        raise CheckpointError(path, f"damaged: a compressed entry does not decompress ({error})") from None
     if "__format__" not in arrays or str(arrays["__format__"]) != FORMAT:
         raise CheckpointError(path, f"not a tinyattn checkpoint (no '{FORMAT}' marker)")
     try:
         return _join(json.loads(str(arrays["__skeleton__"])), arrays)
-    except (KeyError, ValueError) as error:
+    except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(path, f"damaged: {error}") from None
+    except RecursionError:
+        raise CheckpointError(path, "damaged: its JSON skeleton is nested too deeply to read "
+                              "(a tinyattn checkpoint's is a few levels deep)") from None
