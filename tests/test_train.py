@@ -55,6 +55,15 @@ def error_line(err):
     return lines[0]
 
 
+BAR = re.compile(r"\s*\d+(%\||step \[)")  # a bar tqdm leaves where training stopped (with no total left: "30step [...]")
+
+
+def error_after_bar(err):
+    """The one line a failure during training prints, below the progress bar it leaves."""
+    assert "Traceback" not in err
+    return error_line("\n".join(line for line in err.replace("\r", "\n").splitlines() if not BAR.match(line)))
+
+
 def snapshot(folder):
     """Every file in a folder (hidden ones included) with its bytes."""
     folder = Path(folder)

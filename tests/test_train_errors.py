@@ -24,18 +24,13 @@ import pytest
 import train
 from models import Config, build_model, memory, training
 from models.training import BEST_NAME, CHECKPOINT_NAME, Run
-from test_train import ROOT, TINY, error_line, run_main, snapshot
+from test_train import ROOT, TINY, error_after_bar, error_line, run_main, snapshot
 from tinyattn import backend, checkpoint
 from tinyattn.tasks import FIRST_SYMBOL
 
 FLAGS = [*TINY, "--lr", "3e-3", "--steps", "40", "--eval-every", "10", "--target-accuracy", "1.0"]
-BAR = re.compile(r"\s*\d+(%\||step \[)")  # the bar tqdm leaves (with no total left: "30step [...]")
 ROOMY = (64 * 2**30, "a test's 64 GB")
 
-
-def error_after_bar(err):
-    assert "Traceback" not in err
-    return error_line("\n".join(line for line in err.replace("\r", "\n").splitlines() if not BAR.match(line)))
 
 
 @pytest.fixture(scope="module")

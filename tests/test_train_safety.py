@@ -18,20 +18,14 @@ import pytest
 
 from models import lock, training
 from models.training import CHECKPOINT_NAME
-from test_train import ROOT, TINY, error_line, read_log, run_main, snapshot
+from test_train import ROOT, TINY, error_after_bar, error_line, read_log, run_main, snapshot
 from tinyattn import checkpoint
 
 FLAGS = [*TINY, "--lr", "3e-3", "--steps", "40", "--eval-every", "10", "--target-accuracy", "1.0"]
 LOCK = lock.FOLDER_LOCK_NAME
 
 
-BAR = re.compile(r"\s*\d+%\|")  # a progress bar tqdm leaves where training stopped
 
-
-def error_after_bar(err):
-    """The one line a failure during training prints, below the progress bar it leaves."""
-    assert "Traceback" not in err
-    return error_line("\n".join(line for line in err.replace("\r", "\n").splitlines() if not BAR.match(line)))
 
 
 @pytest.fixture(scope="module")
