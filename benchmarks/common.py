@@ -20,7 +20,7 @@ if ROOT not in sys.path:
 import numpy  # noqa: E402  (host-side GEMM reference and version only; tensors go through tinyattn)
 
 import tinyattn as ta  # noqa: E402
-from tinyattn.cpu import tune_allocator  # noqa: E402
+from tinyattn.cpu import blas_kernels, tune_allocator  # noqa: E402
 from models import Config  # noqa: E402
 from models.training import Run, forward_backward  # noqa: E402
 from tinyattn.tasks import SequenceTask  # noqa: E402
@@ -101,7 +101,7 @@ def machine_info(allocator_tuned=None):
     info = {"platform": platform.platform(), "processor": _cpu_model(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "numpy": numpy.__version__, "tinyattn": ta.__version__,
             "torch": None, "torch_installed": _package_version("torch"),
-            "openblas_env": {name: os.environ.get(name) for name in OPENBLAS_VARIABLES},
+            "openblas_env": {name: os.environ.get(name) for name in OPENBLAS_VARIABLES}, "blas_kernels": blas_kernels(),
             "allocator_tuned": allocator_tuned, "git": _git_state()}
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):  # only where this run imported (and used) it
@@ -122,8 +122,8 @@ def _cpu_model():
 
 def print_machine(info):
     env = ", ".join(f"{name}={value if value is not None else '(unset)'}" for name, value in info["openblas_env"].items())
-    print(f"machine: {info['processor']}, {info['cpu_count']} CPUs; numpy {info['numpy']}, "
-          f"torch {info['torch'] or '(not used)'}; {env}")
+    print(f"machine: {info['processor']}, {info['cpu_count']} CPUs; numpy {info['numpy']} "
+          f"(OpenBLAS kernels: {info['blas_kernels'] or 'not OpenBLAS'}), torch {info['torch'] or '(not used)'}; {env}")
     print(f"glibc allocator tuned (tinyattn.cpu.tune_allocator, as train.py does): {info['allocator_tuned']}")
 
 

@@ -27,7 +27,7 @@ import time
 import common
 import tinyattn as ta
 from models import build_model
-from models.training import Run, forward_backward, shards_for
+from models.training import Run, forward_backward, sharded_backward_for
 from tinyattn import backend, optim
 from tinyattn.parallel import ShardedBackward
 
@@ -195,7 +195,7 @@ def tinyattn_side(config, task, device, warmup, steps):
     model = build_model(config, task.vocab_size, device=device)
     params = model.parameters()
     optimizer = optim.Adam(params, lr=config.lr)
-    sharded = ShardedBackward(shards_for(config.replace(device=device)))
+    sharded = sharded_backward_for(config.replace(device=device))
     stream = task.batches(config.batch_size, config.seed, device=device)
     batches = [next(stream) for _ in range(DISTINCT_BATCHES)]
 

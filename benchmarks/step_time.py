@@ -27,8 +27,7 @@ import time
 import common
 from models import build_model
 from tinyattn import optim
-from tinyattn.parallel import ShardedBackward
-from models.training import shards_for
+from models.training import sharded_backward_for
 
 DISTINCT_BATCHES = 32
 
@@ -43,11 +42,12 @@ def torch_step(twin, optimizer, tensors):
     return time.perf_counter() - start, value
 
 
-def tinyattn_side(config, task, batches, shards):
-    """A fresh model (the config's seed: every side starts from the same weights) and its timed step on batch i."""
+def tinyattn_side(config, task, batches):
+    """A fresh model (the config's seed: every side starts from the same weights) and its
+    timed step on batch i, on the threads train.py gives the config."""
     model = build_model(config, task.vocab_size)
     optimizer = optim.Adam(model.parameters(), lr=config.lr)
-    sharded = ShardedBackward(shards)
+    sharded = sharded_backward_for(config)
     return model, lambda i: common.timed_train_step(model, optimizer, batches[i % len(batches)], sharded)
 
 
@@ -58,11 +58,11 @@ def reference_pairs(args, torch):
     stream = task.batches(config.batch_size, config.seed)
     batches = [next(stream) for _ in range(DISTINCT_BATCHES)]
     sides = {}
-    shard_counts = {"tinyattn": shards_for(config)}
-    if shard_counts["tinyattn"] > 1:  # train.py's default, and the same engine on one thread for comparison
-        shard_counts["tinyattn-1thread"] = 1
-    for name, shards in shard_counts.items():
-        model, sides[name] = tinyattn_side(config, task, batches, shards)
+    configs = {"tinyattn": config}
+    if sharded_backward_for(config).shards > 1:  # train.py's default, and the same engine on one thread (--threads 1)
+        configs["tinyattn-1thread"] = config.replace(threads=1)
+    for name, side_config in configs.items():
+        model, sides[name] = tinyattn_side(side_config, task, batches)
     if torch is not None:
         from twin import Seq2SeqTwin, batch_tensors
         twin = Seq2SeqTwin.from_tinyattn(model)  # same starting weights
@@ -90,7 +90,7 @@ def reference_pairs(args, torch):
             for _ in range(min(args.block, args.pairs - r * args.block)):
                 seconds, losses[name] = run(name)
                 times[name].append(seconds)
-    figures = {"steps_each": args.pairs, "tinyattn_threads": shard_counts, "warmup_steps_each": args.warmup, "block": args.block, "pause_s": args.pause,
+    figures = {"steps_each": args.pairs, "tinyattn_threads": {name: sharded_backward_for(side_config).shards for name, side_config in configs.items()}, "warmup_steps_each": args.warmup, "block": args.block, "pause_s": args.pause,
                "median_step_ms": {name: common.median(t) * 1e3 for name, t in times.items()},
                "quartiles_step_ms": {name: [q * 1e3 for q in common.quartiles(t)] for name, t in times.items()},
                "last_loss": losses,
@@ -98,7 +98,7 @@ def reference_pairs(args, torch):
                "mean_padded_shape": {"source": sum(b.source.shape[1] for b in batches) / len(batches),
                                      "decoder": sum(b.decoder_input.shape[1] for b in batches) / len(batches)}}
     if torch is not None:
-        for name in shard_counts:
+        for name in configs:
             figures[f"median_ratio_{name.replace('-', '_')}_over_torch"] = common.median_ratio(times[name], times["torch"])
         figures["torch_threads"] = torch.get_num_threads()
     return figures
@@ -112,7 +112,7 @@ def compute_bound(args):
     batches = [next(stream) for _ in range(8)]
     model = build_model(config, task.vocab_size)
     optimizer = optim.Adam(model.parameters(), lr=config.lr)
-    sharded = ShardedBackward(shards_for(config))
+    sharded = sharded_backward_for(config)
     probes = {256: common.GemmProbe(256, 40), 512: common.GemmProbe(512, 6)}
     for i in range(3):
         common.timed_train_step(model, optimizer, batches[i % len(batches)], sharded)

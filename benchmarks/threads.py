@@ -15,8 +15,8 @@ import argparse
 import time
 
 import common
-from tinyattn.parallel import ShardedBackward, default_shards
-from models.training import shards_for
+from tinyattn.parallel import default_shards
+from models.training import sharded_backward_for, shards_for
 
 # (name, changes to the reference config, whether a step takes long enough to need fewer of them)
 CONFIGS = [
@@ -38,7 +38,7 @@ def compare(config, rounds, block, pause):
     """Median step with 1 and 2 threads and the median pairwise ratio, one model, alternating."""
     run = common.train_run(config)
     batches = [next(run.stream) for _ in range(DISTINCT_BATCHES)]
-    sharded = {1: ShardedBackward(1), 2: ShardedBackward(2)}
+    sharded = {threads: sharded_backward_for(config.replace(threads=threads)) for threads in (1, 2)}  # as --threads 1, 2
     times, position = {1: [], 2: []}, {1: 0, 2: 0}
 
     def step(threads):

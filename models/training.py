@@ -20,7 +20,7 @@ import time
 from tqdm import tqdm
 
 import tinyattn as ta
-from tinyattn import backend, checkpoint, kernels, optim
+from tinyattn import backend, checkpoint, cpu, kernels, optim
 from tinyattn.functional import cross_entropy
 from tinyattn.parallel import ShardedBackward, default_shards
 from tinyattn.tasks import PAD, SequenceTask
@@ -58,6 +58,30 @@ def shards_for(config):
         return config.threads
     most = default_shards(config.device or ta.get_default_device())
     return most if config.batch_size >= most * MIN_ROWS_PER_THREAD[config.model] else 1
+
+
+def blas_threads_for(config, shards):
+    """How many threads each of a step's shards runs its matrix products on. With --threads N
+    the step runs on N threads, so each of its N shards gets one; by default the shards of a
+    split batch share the process's cores, and an unsplit one stays on one thread: a batch
+    too small to split makes matrices too small for BLAS's threads to pay, and BLAS threads
+    beyond the step's share spin against any other busy process (docs/performance.md)."""
+    if config.threads is not None or shards == 1:
+        return 1
+    return max(1, cpu.core_count() // shards)
+
+
+def sharded_backward_for(config, dropout_generator=None):
+    """The ShardedBackward a run with this config takes its steps with."""
+    shards = shards_for(config)
+    return ShardedBackward(shards, dropout_generator=dropout_generator, blas_threads=blas_threads_for(config, shards))
+
+
+def threads_per_step(sharded):
+    """'2 threads per step', with the shards and their BLAS threads where BLAS runs several per shard."""
+    threads = sharded.shards * sharded.blas_threads_per_shard
+    split = f" ({sharded.shards} shards of {sharded.blas_threads_per_shard} BLAS threads)" if sharded.blas_threads_per_shard > 1 else ""
+    return f"{threads} thread{'s' if threads > 1 else ''} per step{split}"
 
 
 def forward_backward(model, params, batch, sharded):
@@ -106,7 +130,9 @@ class Run:
         self.optimizer = optim.Adam(self.params, lr=config.lr)
         self.schedule = optim.WarmupCosine(self.optimizer, config.warmup, config.steps)
         self.stream = self.task.batches(config.batch_size, config.seed, device=config.device)
-        self.sharded = ShardedBackward(shards_for(config), dropout_generator=self.model.generator if config.dropout else None)
+        self.sharded = sharded_backward_for(config, dropout_generator=self.model.generator if config.dropout else None)
+        # Evaluation is one thread of array work, so its matrix products may use all the step's threads.
+        self.threads = self.sharded.shards * self.sharded.blas_threads_per_shard
         self.step, self.elapsed_before = 0, 0.0
         self.best = None  # {"step", "exact_match"}: the best held-out evaluation saved in this run's folder
 
@@ -133,11 +159,11 @@ class Run:
         return loss_value, batch, accuracy
 
     def evaluate(self, batches):
-        with kernels.use(self.config.kernels):
+        with kernels.use(self.config.kernels), cpu.blas_threads(self.threads):
             return evaluate(self.model, self.task, batches)
 
     def greedy_decode(self, source, max_new_tokens, need_weights=False):
-        with kernels.use(self.config.kernels):
+        with kernels.use(self.config.kernels), cpu.blas_threads(self.threads):
             return self.model.greedy_decode(source, max_new_tokens, need_weights=need_weights)
 
     def eval_set(self):
@@ -392,7 +418,7 @@ def train(config, resume=None, resume_path=None):
     try:
         print("config: " + json.dumps(config.to_dict()), flush=True)
         print(f"model: {config.model}, {run.model.num_parameters():,} parameters; device {ta.get_default_device()}; "
-              f"{run.sharded.shards} thread{'s' if run.sharded.shards > 1 else ''} per step; {config.kernels} kernels", flush=True)
+              f"{threads_per_step(run.sharded)}; {config.kernels} kernels", flush=True)
         log = open_log(config.log, append=resume is not None) if config.log else None
         for number in STOP_SIGNALS:
             if signal.getsignal(number) is not signal.SIG_IGN:  # under nohup SIGHUP stays ignored

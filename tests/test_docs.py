@@ -44,10 +44,10 @@ import re
 from pathlib import Path
 
 import pytest
-import threadpoolctl
 
 import doc_blocks
 import tinyattn
+from tinyattn import cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ["README.md", *sorted(str(path.relative_to(ROOT)) for path in (ROOT / "docs").glob("*.md"))]
@@ -96,12 +96,6 @@ def command_folder(tmp_path_factory):
     return folder
 
 
-def blas_kernels():
-    """The kernels (architecture) of the OpenBLAS NumPy runs, or None for another BLAS."""
-    return next((library["architecture"] for library in threadpoolctl.threadpool_info()
-                 if library["internal_api"] == "openblas"), None)
-
-
 def mismatch(what, expected, actual, loose=False):
     """What the doc says beside what the code printed, or None when they match."""
     expected = doc_blocks.output_lines(expected if isinstance(expected, str) else "\n".join(expected))
@@ -146,7 +140,7 @@ def check_excerpt(block, path):
 
 
 def check_console(block, folder):
-    recorded, here = doc_blocks.recorded_kernels(block.marker), blas_kernels()
+    recorded, here = doc_blocks.recorded_kernels(block.marker), cpu.blas_kernels()
     loose = recorded is not None and recorded != here
     for command, expected in doc_blocks.transcript(block.text):
         output, written = folder.run(command)

@@ -76,9 +76,29 @@ def test_shards_run_on_worker_threads_with_blas_held_to_its_share():
     assert thread_names[0] == threading.current_thread().name
     assert thread_names[1].startswith("tinyattn-shard")
     if cpu.can_limit_blas_threads():
-        import os
-        share = max(1, (os.cpu_count() or 1) // 2)
+        share = max(1, cpu.core_count() // 2)
         assert [count for _, _, count in outputs] == [share, share]
+
+
+@cpu_only
+@needs_blas_control
+@pytest.mark.parametrize("shards", [1, 2])
+def test_blas_is_held_to_the_threads_given_with_one_shard_too(shards):
+    model = nn.Linear(5, 3, generator=ta.Generator(0))
+    parts = [(ta.ones(2, 5), ta.zeros(2, 3))] * shards
+    with cpu.blas_threads(2):  # BLAS's own count outside the call: the cores, as NumPy starts it
+        outputs = ShardedBackward(shards, blas_threads=1)(linear_loss(model, 1.0), parts, model.parameters())
+        assert cpu.blas_thread_count() == 2
+    assert [count for _, _, count in outputs] == [1] * shards
+
+
+@pytest.mark.parametrize("blas_threads", [0, -1, 1.5, True, "2"])
+def test_blas_threads_must_be_a_positive_integer(blas_threads):
+    with pytest.raises(ValueError, match=f"blas_threads must be a positive integer, got {blas_threads!r}"):
+        ShardedBackward(2, blas_threads=blas_threads)
+    with pytest.raises(ValueError, match="BLAS threads must be a positive integer"):
+        with cpu.blas_threads(blas_threads):
+            pass
 
 
 @cpu_only  # BLAS thread control is NumPy's, on the host
@@ -88,6 +108,15 @@ def test_blas_threads_is_restored_after_the_block():
     with cpu.blas_threads(1):
         assert cpu.blas_thread_count() == 1
     assert cpu.blas_thread_count() == before
+    assert cpu.blas_kernels() is None or cpu.blas_kernels().isidentifier()  # an OpenBLAS core name such as Haswell
+
+
+def test_core_count_is_what_the_process_may_run_on(monkeypatch):
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert cpu.core_count() == 3
+    monkeypatch.delattr(cpu.os, "sched_getaffinity")
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: None)
+    assert cpu.core_count() == 1
 
 
 def test_sharded_gradients_add_to_existing_grads_as_backward_does():

@@ -209,6 +209,37 @@ def test_default_threads_go_where_they_pay(monkeypatch, settings, threads):
     assert shards_for(Config(**settings)) == threads
 
 
+@pytest.mark.parametrize("cores, settings, shards, blas_threads", [
+    (2, {}, 2, 1), (2, {"model": "rnn-attention"}, 1, 1), (2, {"threads": 1}, 1, 1), (2, {"batch_size": 32}, 1, 1),
+    (8, {}, 2, 4), (8, {"threads": 3, "batch_size": 16}, 3, 1), (8, {"model": "rnn"}, 1, 1), (8, {"threads": 1}, 1, 1)])
+def test_each_step_thread_runs_blas_on_its_share_of_the_cores(monkeypatch, cores, settings, shards, blas_threads):
+    monkeypatch.setattr(training, "default_shards", lambda device: 2)
+    monkeypatch.setattr(training.cpu, "core_count", lambda: cores)
+    sharded = training.sharded_backward_for(Config(**settings))
+    assert (sharded.shards, sharded.blas_threads_per_shard) == (shards, blas_threads)
+    said = {(2, 1): "2 threads per step", (1, 1): "1 thread per step", (3, 1): "3 threads per step",
+            (2, 4): "8 threads per step (2 shards of 4 BLAS threads)"}
+    assert training.threads_per_step(sharded) == said[shards, blas_threads]
+
+
+@pytest.mark.skipif(not training.cpu.can_limit_blas_threads(), reason="NumPy's BLAS thread count cannot be set here")
+def test_a_run_on_one_thread_holds_blas_to_one_thread_in_steps_and_evaluation(monkeypatch):
+    run = Run(Config(task="copy", vocab=4, max_len=4, model="rnn-attention", d_model=16, batch_size=8, eval_size=8))
+    seen = []  # BLAS's thread count as the model forwards a batch, then as it decodes the held-out set
+
+    def recording(method):
+        def recorded(*args, **kwargs):
+            seen.append(training.cpu.blas_thread_count())
+            return method(*args, **kwargs)
+        return recorded
+    for name in ("forward_batch", "greedy_decode"):
+        monkeypatch.setattr(run.model, name, recording(getattr(run.model, name)))
+    with training.cpu.blas_threads(2):
+        run.train_step()
+        run.evaluate(run.eval_set())
+    assert run.threads == 1 and seen == [1, 1]
+
+
 def test_forward_backward_on_two_shards_gives_the_whole_batch_loss_and_gradients():
     config = Config(task="copy", vocab=4, max_len=4, d_model=32, heads=2, layers=1, d_ff=64, batch_size=32)
     runs = [Run(config) for _ in range(2)]

@@ -1,8 +1,9 @@
-"""CPU tuning for a training process: how many threads BLAS runs, and glibc's allocator.
+"""CPU tuning for a training process: the cores it may use, how many threads BLAS runs,
+and glibc's allocator.
 
 Both change the whole process, so the library never does either on import:
-tinyattn.parallel holds BLAS to its share of the cores while a batch's shards run side
-by side, and applications (train.py, the benchmarks) call `tune_allocator()`.
+tinyattn.parallel holds BLAS to each shard's share of the step's cores, and applications
+(train.py, the benchmarks) call `tune_allocator()`.
 """
 import contextlib
 import ctypes
@@ -10,66 +11,59 @@ import ctypes.util
 import os
 import sys
 
-# --- BLAS threads -------------------------------------------------------------------------------
-
-_openblas_threads = None  # (set, get) functions of the OpenBLAS NumPy loaded, once found; False if none
+import threadpoolctl
 
 
-def _find_openblas_threads():
-    """The set/get thread-count functions of the OpenBLAS in this process (NumPy's wheels
-    bundle one, with prefixed symbols), found through the loaded libraries; None elsewhere
-    (another BLAS, or no /proc)."""
+def core_count():
+    """The cores this process may run on (its CPU affinity where the OS tells, as taskset and
+    containers set it), at least 1."""
     try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1].lower()})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_{}_num_threads64_", "scipy_openblas_{}_num_threads", "openblas_{}_num_threads64_", "openblas_{}_num_threads"):
-            setter, getter = (getattr(library, name.format(verb), None) for verb in ("set", "get"))
-            if setter is not None and getter is not None:
-                setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
-                return setter, getter
-    return None
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
 
 
-def _blas_thread_control():
-    global _openblas_threads
-    if _openblas_threads is None:
-        _openblas_threads = _find_openblas_threads() or False
-    return _openblas_threads or None
+# --- BLAS threads -------------------------------------------------------------------------------
+# threadpoolctl finds the BLAS libraries loaded in the process (OpenBLAS, MKL, BLIS,
+# FlexiBLAS; on Linux, macOS and Windows) and calls their own thread-count functions.
+# docs/performance.md says why it is worth a run-time dependency.
+
+_blas = None  # a threadpoolctl controller of the BLAS libraries loaded, made at first use (after NumPy's BLAS is loaded)
+
+
+def _blas_libraries():
+    global _blas
+    if _blas is None:
+        _blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    return _blas
 
 
 def can_limit_blas_threads():
     """Whether blas_threads() can change how many threads NumPy's matrix products use."""
-    return _blas_thread_control() is not None
+    return bool(_blas_libraries().lib_controllers)
 
 
 def blas_thread_count():
-    """How many threads NumPy's BLAS may use now, or None where that cannot be read."""
-    control = _blas_thread_control()
-    return None if control is None else control[1]()
+    """How many threads NumPy's BLAS may use now, or None where no BLAS is known."""
+    counts = [library.num_threads for library in _blas_libraries().lib_controllers]
+    return max(counts) if counts else None
+
+
+def blas_kernels():
+    """The kernels NumPy's OpenBLAS chose for this CPU (such as 'Haswell' or 'SkylakeX'),
+    or None for another BLAS: float32 products round by them."""
+    return next((library.architecture for library in _blas_libraries().lib_controllers
+                 if library.internal_api == "openblas"), None)
 
 
 @contextlib.contextmanager
 def blas_threads(count):
     """Run the block with NumPy's BLAS using at most `count` threads, then restore the
     previous count. Process-wide; does nothing where can_limit_blas_threads() is False."""
-    control = _blas_thread_control()
-    if control is None:
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"BLAS threads must be a positive integer, got {count!r}")
+    with _blas_libraries().limit(limits=count):
         yield
-        return
-    set_threads, get_threads = control
-    before = get_threads()
-    set_threads(count)
-    try:
-        yield
-    finally:
-        set_threads(before)
 
 
 # --- the allocator -------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ operation across the cores. tinyattn splits the batch instead: NumPy releases th
 inside its loops, so the shards' array work runs on separate cores at once. Meanwhile
 BLAS is held to cores // shards threads, or its threads would fight the shards for the
 same cores. The Python parts (building the graph, walking it) still take turns.
+BLAS is held to its share with one shard too: OpenBLAS's idle threads spin, and a step
+whose BLAS threads outnumber its share of the cores runs 2.4x slower or worse as soon as
+another process is busy (docs/performance.md, "Speed under load").
 
 The gradients equal one backward over the whole batch up to rounding: each shard's loss
 is its share of the batch loss, and the shards' gradients are summed in shard order, so
@@ -14,7 +17,6 @@ a run is reproducible for a given number of shards.
 """
 import contextvars
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from . import backend, cpu, profiler
@@ -24,7 +26,7 @@ from .engine import Tensor, grad
 
 def default_shards(device="cpu"):
     """2 on a CPU with at least two cores whose BLAS threads can be limited, else 1."""
-    if device != "cpu" or (os.cpu_count() or 1) < 2 or not cpu.can_limit_blas_threads():
+    if device != "cpu" or cpu.core_count() < 2 or not cpu.can_limit_blas_threads():
         return 1
     return 2
 
@@ -43,25 +45,30 @@ class ShardedBackward:
     the shards run one after another, so its timings do not overlap. When a shard's loss
     on the host is not finite, nothing is differentiated or accumulated (_worth_differentiating).
 
+    blas_threads: how many threads each shard's matrix products may use (default: the
+    process's cores shared among the shards), held for the call, with one shard too.
+
     dropout_generator: with several shards, each shard draws its dropout masks from its own
     generator, seeded each call from this one (threads taking turns at one generator would
     make a run unrepeatable), so a run with dropout is repeatable for a given number of shards.
     """
 
-    def __init__(self, shards, dropout_generator=None):
-        if not isinstance(shards, int) or shards < 1:
-            raise ValueError(f"shards must be a positive integer, got {shards!r}")
+    def __init__(self, shards, dropout_generator=None, blas_threads=None):
+        for name, value in (("shards", shards), ("blas_threads", blas_threads if blas_threads is not None else 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.shards, self.dropout_generator = shards, dropout_generator
-        self.blas_threads_per_shard = max(1, (os.cpu_count() or 1) // shards)
+        self.blas_threads_per_shard = blas_threads or max(1, cpu.core_count() // shards)
         self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="tinyattn-shard") if shards > 1 else None
 
     def __call__(self, loss_of, shards, params):
         if not 1 <= len(shards) <= self.shards:
             raise ValueError(f"expected 1 to {self.shards} shards, got {len(shards)}")
         if len(shards) == 1:
-            outputs = loss_of(shards[0])
-            if _worth_differentiating(outputs[0]):
-                outputs[0].backward()
+            with cpu.blas_threads(self.blas_threads_per_shard):
+                outputs = loss_of(shards[0])
+                if _worth_differentiating(outputs[0]):
+                    outputs[0].backward()
             return [outputs]
         params = [param for param in params if param.requires_grad]
         own_generators = ([backend.generator(int(seed)) for seed in self.dropout_generator.integers(0, 2 ** 63, size=len(shards))]
