@@ -85,7 +85,11 @@ class Lock:
     def acquire(self):
         if fcntl is None or not self._acquire_flock():
             self._acquire_exclusive()
-        os.write(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        try:
+            os.write(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError as error:  # a full disk: leave no lock file behind that names no one
+            self.release()
+            raise OSError(f"cannot write the lock of {self.what} ({self.path}): {error.strerror or error}") from None
 
     def _acquire_flock(self):
         """True once held; False where this file system has no flock."""

@@ -142,6 +142,19 @@ def test_the_locks_are_released_on_every_exit(tmp_path, how):
     assert LOCK not in os.listdir(out) and not list(log.parent.glob(".*.lock"))
 
 
+@pytest.mark.parametrize("flock", [True, False])
+def test_a_lock_that_cannot_be_written_leaves_no_lock_file(tmp_path, monkeypatch, flock):
+    if not flock:
+        monkeypatch.setattr(lock, "fcntl", None)
+
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(lock.os, "write", disk_full)
+    with pytest.raises(OSError, match=f"cannot write the lock of folder {tmp_path} .*: No space left on device"):
+        lock.Lock.on_folder(str(tmp_path)).acquire()
+    assert not (tmp_path / LOCK).exists()
+
+
 @pytest.mark.parametrize("holder", ["dead", "alive", "other-host"])
 def test_without_flock_the_lock_file_names_its_pid_and_a_dead_one_is_taken_over(tmp_path, monkeypatch, holder):
     monkeypatch.setattr(lock, "fcntl", None)  # the O_EXCL lock of systems without fcntl
