@@ -317,6 +317,34 @@ def test_editing_data_by_hand_stays_unchecked():
     np.testing.assert_array_equal(w.grad.numpy(), [10.0, 4.0])
 
 
+def layer_norm_then_assign(path, recorded):
+    """A layer norm's output, read by an op, then changed by item assignment (recorded or under
+    no_grad), then read again; on the fused path the output is a deferred kernel result."""
+    x = leaf(np.arange(6.0).reshape(2, 3) ** 2)
+    with kernels.use(path):
+        y = ta.functional.layer_norm(x)
+        before = (y * y).sum()
+        if recorded:
+            y[0, 1] = x[1, 2] * 3
+        else:
+            with ta.no_grad():
+                y[0] = 0.0
+        return x, y, before + (y * leaf([1.0, 2.0, 3.0], requires_grad=False)).sum()
+
+
+def test_item_assignment_into_a_deferred_kernel_result_is_recorded_as_into_any_tensor():
+    x_fused, y_fused, loss_fused = layer_norm_then_assign("fused", recorded=True)
+    x_composed, y_composed, loss_composed = layer_norm_then_assign("composed", recorded=True)
+    np.testing.assert_allclose(y_fused.numpy(), y_composed.numpy(), rtol=1e-12)
+    assert y_fused.numpy()[0, 1] == 75.0
+    loss_fused.backward()
+    loss_composed.backward()
+    np.testing.assert_allclose(x_fused.grad.numpy(), x_composed.grad.numpy(), rtol=1e-10)
+    _, _, unrecorded = layer_norm_then_assign("fused", recorded=False)
+    with pytest.raises(RuntimeError, match="was changed in place after it was used"):
+        unrecorded.backward()
+
+
 def test_item_assignment_errors_name_the_shapes():
     x = leaf(np.zeros((2, 3)), requires_grad=False)
     with pytest.raises(ValueError, match=r"SetItem on shapes \(2, 3\) and \(4,\)"):

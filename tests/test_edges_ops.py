@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import tinyattn as ta
+from tinyattn import functional as F
 
 pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
 
@@ -266,6 +267,16 @@ ERRORS = {
     "int_of_many": (lambda: int(_ones(2, 1)), ValueError, r"int\(\) needs a tensor with one element"),
     "index_float": (lambda: _ones(4)[ta.tensor(1.0):3], TypeError, "only an integer tensor of one element can be used as an index"),
     "index_many": (lambda: [0, 1, 2][ta.tensor([1, 2])], TypeError, "only an integer tensor of one element"),
+    "exp_of_a_list": (lambda: ta.exp([1.0]), TypeError, r"^Exp's input 1 must be a tensor, not list; wrap it with ta.tensor"),
+    "sum_of_an_array": (lambda: ta.sum(np.ones(2)), TypeError, "^Sum's input 1 must be a tensor, not ndarray"),
+    "log_of_a_number": (lambda: ta.log(2.0), TypeError, "^Log's input 1 must be a tensor, not float"),
+    "mean_of_a_list": (lambda: ta.mean([1.0, 2.0]), TypeError, "^mean's input must be a tensor, not list"),
+    "std_of_an_array": (lambda: ta.std(np.ones(2)), TypeError, "^var's input must be a tensor, not ndarray"),
+    "argmax_of_an_array": (lambda: ta.argmax(np.ones(2)), TypeError, "^argmax's input must be a tensor, not ndarray"),
+    "zeros_like_a_list": (lambda: ta.zeros_like([1.0]), TypeError, "^zeros_like's input must be a tensor, not list"),
+    "layer_norm_of_an_array": (lambda: F.layer_norm(np.ones((2, 3))), TypeError, "^layer_norm's input must be a tensor, not ndarray"),
+    "layer_norm_weight_list": (lambda: F.layer_norm(_ones(2, 3), [1.0] * 3), TypeError, "^layer_norm's weight must be a tensor, not list"),
+    "device_an_array": (lambda: ta.set_default_device(np.ones(2)), ta.DeviceError, r"unknown device array\(\[1., 1.\]\)"),
 }
 
 

@@ -86,7 +86,7 @@ def check_device(device):
     """Return a valid device name, or raise one clear error."""
     if device is None:
         return get_default_device()
-    if device not in DEVICES:
+    if not isinstance(device, str) or device not in DEVICES:  # `in` would compare an array elementwise
         raise DeviceError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
     if device == "cuda":
         _load_cupy()

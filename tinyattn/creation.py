@@ -3,7 +3,7 @@ import contextlib
 import contextvars
 
 from . import backend
-from .engine import Tensor
+from .engine import Tensor, expect_tensor
 
 _default_generator = backend.generator()
 
@@ -76,10 +76,12 @@ def ones(*shape, dtype=backend.float32, device=None, requires_grad=False):
 
 
 def zeros_like(other, dtype=None, requires_grad=False):
+    expect_tensor(other, "zeros_like's input")
     return full(other.shape, 0, dtype=dtype or other.dtype, device=other.device, requires_grad=requires_grad)
 
 
 def ones_like(other, dtype=None, requires_grad=False):
+    expect_tensor(other, "ones_like's input")
     return full(other.shape, 1, dtype=dtype or other.dtype, device=other.device, requires_grad=requires_grad)
 
 

@@ -136,6 +136,19 @@ def _generator_in_mode(function, enabled):
     return generator
 
 
+def not_a_tensor(value, where):
+    """The TypeError for a value given where a Tensor belongs, naming the place and the type."""
+    return TypeError(f"{where} must be a tensor, not {type(value).__name__}; wrap it with ta.tensor(...)")
+
+
+def expect_tensor(value, where):
+    """value, which must be a Tensor (for functions that read its shape or data before any
+    Function runs); `where` names it: "mean's input"."""
+    if not isinstance(value, Tensor):
+        raise not_a_tensor(value, where)
+    return value
+
+
 class Function:
     """One differentiable operation: `forward` on arrays, `backward` on Tensors.
 
@@ -155,14 +168,22 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs, **options):
-        arrays = [None if tensor is None else tensor.data for tensor in inputs]
+        try:
+            arrays = [None if tensor is None else tensor.data for tensor in inputs]
+        except AttributeError:
+            raise cls._not_tensors(inputs) from None
         kind = type(arrays[0])
         for array in arrays[1:]:
             if array is not None and type(array) is not kind:
+                if not all(tensor is None or isinstance(tensor, Tensor) for tensor in inputs):
+                    raise cls._not_tensors(inputs)
                 devices = " and ".join(sorted({backend.device_of(a) for a in arrays if a is not None}))
                 raise backend.DeviceError(f"{cls.__name__} got tensors on different devices ({devices}); move them with .to(device) first")
         function = cls()
-        function.xp = backend.array_module(arrays[0])
+        try:
+            function.xp = backend.array_module(arrays[0])
+        except TypeError:  # a NumPy array has a .data too: a memoryview
+            raise cls._not_tensors(inputs) from None
         try:
             if _op_hooks:
                 results = _hooked("forward", cls.__name__, functools.partial(function.forward, *arrays, **options))
@@ -191,6 +212,12 @@ class Function:
             if _last_change:  # until a first in-place change, the class default 0 is right: no store
                 function._recorded_at = _last_change
         return tuple(outputs) if several else outputs[0]
+
+    @classmethod
+    def _not_tensors(cls, inputs):
+        """The TypeError for inputs that are not all Tensors (or None), naming the first that is not."""
+        position, found = next((i, x) for i, x in enumerate(inputs, 1) if x is not None and not isinstance(x, Tensor))
+        return not_a_tensor(found, f"{cls.__name__}'s input {position}")
 
     @property
     def output(self):

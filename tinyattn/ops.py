@@ -14,7 +14,7 @@ import sys
 from . import backend, engine
 
 # This module defines sum, max, min, abs and pow as tensor ops; the builtins stay reachable as builtins.max etc.
-from .engine import Function, Tensor
+from .engine import Function, Tensor, expect_tensor
 
 
 def constant(array):
@@ -674,7 +674,7 @@ def _reciprocal(count):
 def mean(x, axis=None, keepdims=False):
     """The mean; over no elements it is nan, as in PyTorch. NumPy's RuntimeWarning for that
     nan (invalid value in multiply) is not silenced, as np.mean warns of an empty slice."""
-    axes = _normalize_axes(axis, x.ndim)
+    axes = _normalize_axes(axis, expect_tensor(x, "mean's input").ndim)
     count = math.prod(x.shape[a] for a in axes)
     return x.sum(axis=axes, keepdims=keepdims) * _reciprocal(count)
 
@@ -684,7 +684,7 @@ def var(x, axis=None, keepdims=False, ddof=0):
     correction). With ddof at or above the count there are no degrees of freedom left: the
     variance is inf, or nan where the values are all equal (over no elements, say), as in
     PyTorch, never negative. NumPy's RuntimeWarning for a nan is not silenced (see mean)."""
-    axes = _normalize_axes(axis, x.ndim)
+    axes = _normalize_axes(axis, expect_tensor(x, "var's input").ndim)
     count = math.prod(x.shape[a] for a in axes)
     centered = x - x.mean(axis=axes, keepdims=True)
     return (centered * centered).sum(axis=axes, keepdims=keepdims) * _reciprocal(count - ddof)
@@ -707,13 +707,20 @@ def min(x, axis=None, keepdims=False):  # noqa: A001
     return Min.apply(x, axis=axis, keepdims=keepdims)
 
 
+def _index_of(which, x, axis, keepdims):
+    """argmax or argmin (`which`, the array method's name) as a constant tensor."""
+    axis = None if axis is None else _axis(axis, expect_tensor(x, f"{which}'s input").ndim)
+    return constant(getattr(expect_tensor(x, f"{which}'s input").data, which)(axis=axis, keepdims=keepdims))
+
+
 def argmax(x, axis=None, keepdims=False):
     """The index of the largest element, over the flattened tensor or along one axis (an int)."""
-    return constant(x.data.argmax(axis=None if axis is None else _axis(axis, x.ndim), keepdims=keepdims))
+    return _index_of("argmax", x, axis, keepdims)
 
 
 def argmin(x, axis=None, keepdims=False):
-    return constant(x.data.argmin(axis=None if axis is None else _axis(axis, x.ndim), keepdims=keepdims))
+    """The index of the smallest element, over the flattened tensor or along one axis (an int)."""
+    return _index_of("argmin", x, axis, keepdims)
 
 
 def reshape(x, *shape):

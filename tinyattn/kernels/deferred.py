@@ -39,6 +39,13 @@ class Deferred(Tensor):
             self._computed = self._in_its_grad_mode(self._make)
         return self._computed
 
+    def __setitem__(self, index, value):
+        """Changes the computed result, which this tensor reads; the change's count goes with it,
+        so the ops that read this tensor before still find the values they used (Tensor.__setitem__)."""
+        computed = self._compute()
+        computed[index] = value
+        self._changed_at, self.requires_grad = computed._changed_at, computed.requires_grad
+
     @property
     def pending(self):
         """True until something has read the result."""

@@ -10,7 +10,7 @@ blocks, which in a pre-LN transformer are the only readers, take the norm's inpu
 and fold its scale and shift into their first projection (rows.fold_norm), so a layer
 that reads as its formula, x + attn(norm(x)), still skips writing the normalised activations.
 """
-from ..engine import Function
+from ..engine import Function, expect_tensor
 from ..ops import constant
 from . import fused_selected, rows
 from .deferred import Deferred
@@ -82,8 +82,9 @@ class DeferredLayerNorm(Deferred):
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """Normalise the last axis to zero mean and unit variance, then scale by weight and shift by bias.
     Runs FusedLayerNorm (deferred: see DeferredLayerNorm) or layer_norm_composed by the kernels switch."""
+    expect_tensor(x, "layer_norm's input")
     for name, parameter in (("weight", weight), ("bias", bias)):
-        if parameter is not None and parameter.shape != x.shape[-1:]:
+        if parameter is not None and expect_tensor(parameter, f"layer_norm's {name}").shape != x.shape[-1:]:
             raise ValueError(f"layer_norm: {name} of shape {parameter.shape} does not fit input of shape {x.shape}")
     if x.dtype.kind != "f":
         raise TypeError(f"layer_norm needs a floating-point input, got dtype {x.dtype}")
