@@ -9,7 +9,7 @@ import pytest
 
 import tinyattn as ta
 from tinyattn import nn
-from tinyattn.viz import attention_svg, filmstrip_svg, heatmap_text, to_dot
+from tinyattn.viz import attention_svg, filmstrip_svg, heatmap_text, line_chart_svg, to_dot
 
 pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
 
@@ -113,3 +113,18 @@ def test_a_filmstrip_has_one_column_per_frame_and_a_panel_per_layer():
     lefts = [float(panel.find(f"{SVG}rect").get("x")) for panel in panels]
     assert lefts[0] == lefts[1] < lefts[2] == lefts[3]  # frames side by side, layers stacked
     assert_legible_on_a_dark_page(root)
+
+
+def test_a_line_chart_labels_buckets_keeps_lines_at_100_percent_visible_and_marks_every_point():
+    panels = {"copy": {"rnn": [(1, 1.0), (5, 0.5)], "transformer": [(1, 1.0), (5, 1.0)]}}
+    root = ElementTree.fromstring(line_chart_svg(panels, "source length", "exact-match", x_ticks={1: "1-4", 5: "5-8"}))
+    assert_legible_on_a_dark_page(root)
+    texts = [text.text for text in root.iter(f"{SVG}text")]
+    assert "1-4" in texts and "5-8" in texts
+    frame = next(rect for rect in root.findall(f"{SVG}rect") if rect.get("stroke") == "#999")
+    frame_top = float(frame.get("y"))
+    line = next(polyline for polyline in root.findall(f"{SVG}polyline") if polyline.get("stroke") == "#1f77b4")
+    ys = [float(point.split(",")[1]) for point in line.get("points").split()]
+    assert all(y > frame_top + 5 for y in ys)  # the transformer's line at 100% lies inside the frame, not on its edge
+    markers = root.findall(f"{SVG}circle") + [rect for rect in root.findall(f"{SVG}rect") if rect.get("width") == "6"]
+    assert len(markers) == 2 + 2 + 2  # both series' points and one in each legend entry

@@ -174,25 +174,36 @@ def filmstrip_svg(frames, column_labels, title):
 
 
 LINE_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+Y_TOP = 1.08  # the top of a chart's y range: a line at 1.0 sits below the frame, not on it
+# One marker shape per series, so series that coincide (all at 100%) are still told apart.
+MARKERS = (lambda x, y, c: f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{c}"/>',
+           lambda x, y, c: f'<rect x="{x - 3:.1f}" y="{y - 3:.1f}" width="6" height="6" fill="none" stroke="{c}" stroke-width="1.5"/>',
+           lambda x, y, c: f'<path d="M {x:.1f} {y - 4:.1f} L {x + 4:.1f} {y + 3:.1f} L {x - 4:.1f} {y + 3:.1f} Z" fill="{c}"/>',
+           lambda x, y, c: f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="none" stroke="{c}" stroke-width="1.5"/>')
 
 
-def line_chart_svg(panels, x_label, y_label, title=""):
+def line_chart_svg(panels, x_label, y_label, title="", x_ticks=None):
     """Side-by-side line charts as SVG. `panels` maps a panel title to {series name: [(x, y), ...]};
-    y runs from 0 to 1 (an accuracy), x over the union of the series' x values."""
+    y runs from 0 to 1 (an accuracy), drawn with room above 1 so that a line at 100% stays
+    visible, x over the union of the series' x values, each tick labelled by `x_ticks[x]`
+    where given (a bucket of lengths as "1-4"). Points are marked, so lines that lie on one
+    another still show each series."""
     width, height, margin = 360, 260, 50
-    total_width = margin + len(panels) * (width + margin)
+    x_ticks = x_ticks or {}
+    spacing = width + margin + 24  # a panel and the room for the next one's y-axis labels
+    total_width = margin + len(panels) * spacing
     parts = _svg_open(total_width, height + 2 * margin + 30, 11)
     if title:
         parts.append(f'<text x="{margin}" y="20" font-size="14">{escape(title)}</text>')
     names = sorted({name for series in panels.values() for name in series})
     colours = {name: LINE_COLOURS[i % len(LINE_COLOURS)] for i, name in enumerate(names)}
     for index, (panel, series) in enumerate(panels.items()):
-        left, top = margin + index * (width + margin), margin
+        left, top = margin + index * spacing, margin
         xs = [x for points in series.values() for x, _ in points]
         low, high = min(xs), max(xs)
 
         def place(x, y):
-            return left + (x - low) / ((high - low) or 1) * width, top + (1.0 - y) * height
+            return left + (x - low) / ((high - low) or 1) * width, top + (Y_TOP - y) / Y_TOP * height
 
         parts.append(f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#999"/>')
         parts.append(f'<text x="{left + width / 2}" y="{top - 8}" text-anchor="middle" font-size="12">{escape(panel)}</text>')
@@ -202,16 +213,19 @@ def line_chart_svg(panels, x_label, y_label, title=""):
             parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
         for x in sorted(set(xs)):
             px, _ = place(x, 0.0)
-            parts.append(f'<text x="{px:.1f}" y="{top + height + 14}" text-anchor="middle">{x:g}</text>')
+            parts.append(f'<text x="{px:.1f}" y="{top + height + 14}" text-anchor="middle">{escape(x_ticks.get(x, f"{x:g}"))}</text>')
         parts.append(f'<text x="{left + width / 2}" y="{top + height + 30}" text-anchor="middle">{escape(x_label)}</text>')
         parts.append(f'<text x="{left - 36}" y="{top + height / 2}" transform="rotate(-90 {left - 36} {top + height / 2})" '
                      f'text-anchor="middle">{escape(y_label)}</text>')
         for name, points in series.items():
             coordinates = " ".join(f"{px:.1f},{py:.1f}" for px, py in (place(x, y) for x, y in points))
             parts.append(f'<polyline points="{coordinates}" fill="none" stroke="{colours[name]}" stroke-width="2"/>')
+            marker = MARKERS[names.index(name) % len(MARKERS)]
+            parts += [marker(px, py, colours[name]) for px, py in (place(x, y) for x, y in points)]
     for i, name in enumerate(names):
         x, y = margin + i * 170, height + 2 * margin + 16
         parts.append(f'<line x1="{x}" y1="{y - 4}" x2="{x + 24}" y2="{y - 4}" stroke="{colours[name]}" stroke-width="3"/>')
+        parts.append(MARKERS[i % len(MARKERS)](x + 12, y - 4, colours[name]))
         parts.append(f'<text x="{x + 30}" y="{y}">{escape(name)}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
