@@ -6,14 +6,15 @@ SAMPLES_SHOWN = 5
 ATTENTION_KINDS = {"transformer": "cross-attention", "gpt": "attention on the source", "rnn-attention": "additive attention"}
 
 
-def evaluate(model, task, batches):
+def evaluate(model, batches):
     """Greedy-decode held-out batches: exact-match (EOS included), token accuracy, the same
-    for each source length, and some samples."""
+    for each source length, and some samples. Each batch decodes as many tokens as its longest
+    answer and EOS take: a row still going then is wrong, and would be wrong further on."""
     model.eval()
     by_length = {}  # source length -> [sequences, exactly right, right tokens, tokens]
     samples = []
     for batch in batches:
-        predictions, _ = model.greedy_decode(batch.source, task.max_len + 1)
+        predictions, _ = model.greedy_decode(batch.source, max(len(target) for target in batch.targets) + 1)
         for source, target, predicted in zip(batch.sources, batch.targets, predictions):
             expected = target + [EOS]
             counts = by_length.setdefault(len(source), [0, 0, 0, 0])
@@ -57,8 +58,8 @@ def show_decode(run, source, svg_path):
     """Decode one source (token ids), print it against the task's answer, and draw its attention maps."""
     batch = run.task.make_batch([source], device=run.config.device)
     run.model.eval()
-    (predicted,), all_maps = run.greedy_decode(batch.source, run.config.max_len + 1, need_weights=True)
     expected = run.task.target_for(source) + [EOS]
+    (predicted,), all_maps = run.greedy_decode(batch.source, len(expected), need_weights=True)
     print(f"{describe(source)} -> {describe([t for t in predicted if t != EOS])}  "
           f"{'✓' if predicted == expected else '✗ expected ' + describe(expected[:-1])} ({run.config.task})")
     if all_maps is None:

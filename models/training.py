@@ -101,12 +101,14 @@ class Run:
     def __init__(self, config):
         self.config = config
         self.task = SequenceTask(config.task, config.vocab, config.min_len, config.max_len)
+        self.eval_task = SequenceTask(config.task, config.vocab, config.min_len, config.eval_up_to)  # held-out lengths
         self.model = build_model(config, self.task.vocab_size, device=config.device)
         self.params = self.model.parameters()
         self.optimizer = optim.Adam(self.params, lr=config.lr)
         self.schedule = optim.WarmupCosine(self.optimizer, config.warmup, config.steps)
         self.stream = self.task.batches(config.batch_size, config.seed, device=config.device)
-        self.sharded = ShardedBackward(shards_for(config), dropout_generator=self.model.generator if config.dropout else None)
+        draws = config.dropout or config.randomized_positions  # random draws in the step: each shard gets its own generator
+        self.sharded = ShardedBackward(shards_for(config), generator=self.model.generator if draws else None)
         self.step, self.elapsed_before = 0, 0.0
         self.best = None  # {"step", "exact_match"}: the best held-out evaluation saved in this run's folder
 
@@ -134,14 +136,14 @@ class Run:
 
     def evaluate(self, batches):
         with kernels.use(self.config.kernels):
-            return evaluate(self.model, self.task, batches)
+            return evaluate(self.model, batches)
 
     def greedy_decode(self, source, max_new_tokens, need_weights=False):
         with kernels.use(self.config.kernels):
             return self.model.greedy_decode(source, max_new_tokens, need_weights=need_weights)
 
     def eval_set(self):
-        return self.task.eval_set(self.config.eval_size, self.config.seed, batch_size=512, device=self.config.device)
+        return self.eval_task.eval_set(self.config.eval_size, self.config.seed, batch_size=512, device=self.config.device)
 
     def state(self, elapsed):
         return {"config": self.config.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

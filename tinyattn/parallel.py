@@ -18,7 +18,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from . import backend, cpu, profiler
-from .creation import drawing_dropout_from
+from .creation import drawing_from
 from .engine import Tensor, grad
 
 
@@ -43,15 +43,16 @@ class ShardedBackward:
     the shards run one after another, so its timings do not overlap. When a shard's loss
     on the host is not finite, nothing is differentiated or accumulated (_worth_differentiating).
 
-    dropout_generator: with several shards, each shard draws its dropout masks from its own
-    generator, seeded each call from this one (threads taking turns at one generator would
-    make a run unrepeatable), so a run with dropout is repeatable for a given number of shards.
+    generator: with several shards, each shard draws its dropout masks and randomized positions
+    from its own generator, seeded each call from this one (threads taking turns at one
+    generator would make a run unrepeatable), so such a run is repeatable for a given number
+    of shards.
     """
 
-    def __init__(self, shards, dropout_generator=None):
+    def __init__(self, shards, generator=None):
         if not isinstance(shards, int) or shards < 1:
             raise ValueError(f"shards must be a positive integer, got {shards!r}")
-        self.shards, self.dropout_generator = shards, dropout_generator
+        self.shards, self.generator = shards, generator
         self.blas_threads_per_shard = max(1, (os.cpu_count() or 1) // shards)
         self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="tinyattn-shard") if shards > 1 else None
 
@@ -64,11 +65,11 @@ class ShardedBackward:
                 outputs[0].backward()
             return [outputs]
         params = [param for param in params if param.requires_grad]
-        own_generators = ([backend.generator(int(seed)) for seed in self.dropout_generator.integers(0, 2 ** 63, size=len(shards))]
-                          if self.dropout_generator is not None else [None] * len(shards))
+        own_generators = ([backend.generator(int(seed)) for seed in self.generator.integers(0, 2 ** 63, size=len(shards))]
+                          if self.generator is not None else [None] * len(shards))
 
         def run(shard, generator):
-            with drawing_dropout_from(generator):
+            with drawing_from(generator):
                 outputs = loss_of(shard)
             return outputs, grad(outputs[0], params, allow_unused=True) if _worth_differentiating(outputs[0]) else None
 
