@@ -138,7 +138,7 @@ def _cell(figure):
     """A mean over seeds, with the range across them when they differ."""
     if figure["max"] - figure["min"] < 0.0005:
         return f"{figure['mean']:.1%}"
-    return f"{figure['mean']:.1%} ({figure['min']:.0%}-{figure['max']:.0%})"
+    return f"{figure['mean']:.1%} ({100 * figure['min']:.1f}-{figure['max']:.1%})"
 
 
 def chart(results, settings):

@@ -147,8 +147,8 @@ class ALiBiPositionalBias(Module):
         """The (rows, n_heads, T, S) bias for integer positions of queries (rows, T) and keys (rows, S)."""
         slopes = self.slopes.data
         xp = backend.array_module(slopes)
-        distance = xp.abs(query_positions[:, None, :, None] - key_positions[:, None, None, :]).astype(slopes.dtype)
-        return distance * -slopes[:, None, None]
+        distance = xp.abs(query_positions[:, None, :, None] - key_positions[:, None, None, :])
+        return (-distance).astype(slopes.dtype) * slopes[:, None, None]
 
     def extra_repr(self):
         return f"n_heads={self.n_heads}"
