@@ -156,7 +156,7 @@ def chart(results, settings):
                     for encoding, runs in series.items()}
     ticks = [1] + list(range(settings["bucket"], settings["eval_max_len"] + 1, settings["bucket"]))
     return line_chart_svg(panels, "source length", "exact-match", title="Exact-match by source length, held-out sequences",
-                          shade=(1, settings["max_len"], "trained"), x_ticks=ticks)
+                          shade=(1, settings["max_len"], "trained"), labelled_x=ticks)
 
 
 def provenance(argv):
@@ -228,6 +228,7 @@ def main(argv=None):
     encodings = parse_list(args.encodings, list(ENCODINGS), "--encodings", parser)
     tune_allocator()
     os.makedirs(args.out, exist_ok=True)
+    origin = provenance(argv)  # the code as it was when the runs began
     results, start = [], time.perf_counter()
     for seed in seeds:
         for model in models:
@@ -244,7 +245,7 @@ def main(argv=None):
                           f"{result['eval_seconds']:.0f} s", flush=True)
                     results.append(result)
     summary = summarize(results, settings)
-    report = {"provenance": provenance(argv), "settings": settings, "seeds": seeds, "models": models, "tasks": tasks, "encodings": encodings,
+    report = {"provenance": origin, "settings": settings, "seeds": seeds, "models": models, "tasks": tasks, "encodings": encodings,
               "randomized_range": f"{RANDOMIZED_RANGE} x the positions of the longest test sequence",
               "total_seconds": round(time.perf_counter() - start, 1), "summary": summary, "results": results}
     with open(os.path.join(args.out, "results.json"), "w") as file:

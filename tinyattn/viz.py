@@ -105,11 +105,11 @@ def attention_svg(maps, row_labels, column_labels, title="cross-attention"):
 LINE_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 
 
-def line_chart_svg(panels, x_label, y_label, title="", shade=None, x_ticks=None):
+def line_chart_svg(panels, x_label, y_label, title="", shade=None, labelled_x=None):
     """Side-by-side line charts as SVG. `panels` maps a panel title to {series name: [(x, y), ...]};
     y runs from 0 to 1 (an accuracy), x over the union of the series' x values. shade: (x from,
-    x to, label), a band drawn behind the lines of every panel; x_ticks: the x values labelled
-    (default every one)."""
+    x to, label), a band drawn behind the lines of every panel; labelled_x: the x values that get
+    a label under the axis (default every one)."""
     width, height, margin = 360, 260, 50
     total_width = margin + len(panels) * (width + margin)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_width}" height="{height + 2 * margin + 30}" '
@@ -137,7 +137,7 @@ def line_chart_svg(panels, x_label, y_label, title="", shade=None, x_ticks=None)
             _, y = place(low, tick)
             parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}" stroke="#eee"/>')
             parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
-        for x in sorted(set(xs)) if x_ticks is None else x_ticks:
+        for x in sorted(set(xs)) if labelled_x is None else labelled_x:
             px, _ = place(x, 0.0)
             parts.append(f'<text x="{px:.1f}" y="{top + height + 14}" text-anchor="middle">{x:g}</text>')
         parts.append(f'<text x="{left + width / 2}" y="{top + height + 30}" text-anchor="middle">{escape(x_label)}</text>')
