@@ -71,13 +71,13 @@ class MultiHeadAttention(Module):
     def _positions(self, x, context, cache, positions, context_positions):
         """Integer arrays (rows, length) of the queries' positions, of every key's, and of the keys this
         call projects (None when a cross-attention cache already holds them); the cache notes its keys'."""
-        cached = cache.get("positions") if cache is not None else None
-        if context is None:
-            queries = position_array(positions, 0, x.shape[1], x) if positions is not None else positions_after(cache, x.shape[1], x)
+        cached, length = (cache.get("positions") if cache is not None else None), x.shape[1]
+        if context is None:  # the new keys are the new tokens, after those the cache holds
+            queries = positions_after(cache, length, x) if positions is None else position_array(positions, 0, length, x)
             new_keys = queries
             keys = queries if cached is None else x.xp.concatenate([cached, queries], axis=-1)
         else:
-            queries = position_array(positions, 0, x.shape[1], x)
+            queries = position_array(positions, 0, length, x)
             new_keys = None if cached is not None else position_array(context_positions, 0, context.shape[1], x)
             keys = cached if cached is not None else new_keys
         if cache is not None:
