@@ -13,7 +13,7 @@ import sys
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 try:  # Ctrl-C while NumPy and tinyattn load (a fifth of a second): one line, as at any other moment
     import tinyattn as ta
-    from models import MODELS, Config, ConfigError, memory
+    from models import MODELS, POSITIONAL, Config, ConfigError, memory
     from models.config import RUN_SETTINGS, default_warmup, flag_name, setting_name
     from models.evaluation import show_decode, show_evaluation
     from models.lock import LockError
@@ -53,6 +53,12 @@ def build_parser():
     model.add_argument("--layers", type=int, help="layers in each stack (default 2)")
     model.add_argument("--d-ff", type=int, help="hidden width of the feed-forward blocks (default 256)")
     model.add_argument("--dropout", type=float, help="dropout probability (default 0.0)")
+    model.add_argument("--positional", choices=POSITIONAL,
+                       help="positions of the transformer models: vectors added to the embeddings, 'learned' (default) or "
+                       "'sinusoidal'; inside every attention, 'rope' (rotary) or 'alibi' (linear biases); or 'none'")
+    model.add_argument("--randomized-positions", type=int, metavar="N",
+                       help="positions of each sequence a sorted random subset of 0..N-1, in training and evaluation, "
+                       "instead of 0..L-1 (Ruoss et al. 2023); N must cover the longest sequence")
     training = parser.add_argument_group("training")
     training.add_argument("--batch-size", type=int, help="sequences per step (default 64)")
     training.add_argument("--lr", type=float, help="peak learning rate of Adam (default 3e-3)")
@@ -62,6 +68,8 @@ def build_parser():
     training.add_argument("--steps", type=int, help="total optimizer steps; the cosine decay ends here (default 1500)")
     training.add_argument("--eval-every", type=int, help="evaluate and save a checkpoint every this many steps (default 100)")
     training.add_argument("--eval-size", type=int, help="held-out sequences to evaluate on (default 512)")
+    training.add_argument("--eval-max-len", type=int, help="longest held-out source, to test lengths never trained on; "
+                          "the model gets positions up to it (default --max-len)")
     training.add_argument("--target-accuracy", type=float, help="stop early once held-out exact-match reaches this (default 0.99)")
     training.add_argument("--seed", type=int, help="seed of weights, data and dropout (default 0)")
     training.add_argument("--device", choices=["cpu", "cuda"], help="backend: cpu (NumPy) or cuda (CuPy) (default: TINYATTN_DEVICE or cpu)")
@@ -104,6 +112,7 @@ def settings_from(args, saved=None, parser=None):
             key, value = next(iter(fixed.items()))
             raise checkpoint.CheckpointError(path, f"was trained with {flag_name(key)} {getattr(config, key)}, not {value}; "
                                              "model, data and optimizer settings come from the checkpoint")
+        check_learned_positions(config, given, path, parser)
         if "steps" in given and given["steps"] <= config.warmup:
             parser.error(f"--steps ({given['steps']}) must be more than the warmup of {path} ({config.warmup} steps, "
                          f"fixed once trained): give --steps above {config.warmup}")
@@ -119,6 +128,18 @@ def settings_from(args, saved=None, parser=None):
         parser.error(str(error))
     check_memory(config, saved, given, args, parser)
     return config
+
+
+def check_learned_positions(saved, given, path, parser):
+    """Learned positions are a table with a row for each position the saved config asked for:
+    --eval-max-len may not ask for another size of table (one past it has rows never made)."""
+    if saved.positional != "learned" or saved.randomized_positions is not None or "eval_max_len" not in given:
+        return
+    asked = saved.replace(eval_max_len=given["eval_max_len"])
+    if asked.position_count != saved.position_count:
+        beyond = ", and positions past those do not exist" if asked.position_count > saved.position_count else ""
+        parser.error(f"--eval-max-len ({given['eval_max_len']}) must stay {saved.eval_up_to} for {path}: its learned "
+                     f"positions were made for sources up to {saved.eval_up_to}{beyond}")
 
 
 def check_memory(config, saved, given, args, parser):
@@ -145,8 +166,10 @@ def parse_symbols(text, config, parser):
         parser.error(f"--decode takes symbols as integers separated by spaces, e.g. \"3 1 4 1 5\"; got {text!r}")
     if not symbols or any(not 0 <= s < config.vocab for s in symbols):
         parser.error(f"--decode symbols must be integers in [0, {config.vocab}) (the checkpoint's --vocab); got {text!r}")
-    if len(symbols) > config.max_len:
-        parser.error(f"--decode got {len(symbols)} symbols; this model was trained on at most --max-len {config.max_len}")
+    if len(symbols) > config.eval_up_to:
+        limit = f"--eval-max-len {config.eval_max_len}" if config.eval_max_len is not None else f"--max-len {config.max_len}"
+        parser.error(f"--decode got {len(symbols)} symbols; this run takes sources of at most {limit} "
+                     "(a larger --eval-max-len gives positions for longer ones, except to learned positions)")
     source = [s + FIRST_SYMBOL for s in symbols]
     problem = SequenceTask(config.task, config.vocab, config.min_len, config.max_len).source_problem(source)
     if problem:  # a lookup source of the wrong shape

@@ -15,6 +15,9 @@ from tinyattn.tasks import TASKS, lookup_problem
 MODELS = ("transformer", "gpt", "rnn", "rnn-attention")
 ATTENTION_HEADS_USED = ("transformer", "gpt")  # the RNN models have one GRU layer each way and no heads
 DEVICES = ("cpu", "cuda")
+# How the transformer models learn positions: added to the embeddings (learned, sinusoidal), inside every
+# attention (rope, alibi), or not at all (none). The RNN models read in order and take none.
+POSITIONAL = ("learned", "sinusoidal", "rope", "alibi", "none")
 
 
 class ConfigError(ValueError):
@@ -27,6 +30,12 @@ def flag_name(setting):
 
 def setting_name(setting):
     return repr(setting)
+
+
+def positions_needed(model, length):
+    """Positions a transformer model feeds for a source of `length`: the encoder-decoder's decoder
+    reads BOS + target (length + 1), the decoder-only model BOS source SEP target (2 * length + 2)."""
+    return length + 1 if model == "transformer" else 2 * length + 2
 
 
 def default_warmup(steps):
@@ -50,6 +59,8 @@ class Config:
     layers: int = 2
     d_ff: int = 256
     dropout: float = 0.0
+    positional: str = "learned"
+    randomized_positions: typing.Optional[int] = None  # positions drawn from 0..N-1 (Ruoss et al. 2023)
     # training
     batch_size: int = 64
     lr: float = 3e-3
@@ -60,6 +71,7 @@ class Config:
     # how the run runs: a resumed run may change these (RUN_SETTINGS)
     eval_every: int = 100
     eval_size: int = 512
+    eval_max_len: typing.Optional[int] = None  # the longest held-out source; None: max_len
     target_accuracy: float = 0.99
     device: typing.Optional[str] = None
     threads: typing.Optional[int] = None
@@ -72,6 +84,17 @@ class Config:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    @property
+    def eval_up_to(self):
+        """The longest source evaluated: eval_max_len, or max_len without it."""
+        return self.max_len if self.eval_max_len is None else self.eval_max_len
+
+    @property
+    def position_count(self):
+        """Positions a transformer model is built with: 0..N-1 for randomized positions, else as many
+        as the longest evaluated sequence feeds."""
+        return self.randomized_positions or positions_needed(self.model, self.eval_up_to)
 
     @classmethod
     def from_dict(cls, values, name=setting_name):
@@ -97,7 +120,8 @@ class Config:
             expected = SETTINGS[field.name]
             require(value is None and field.default is None or _is_a(value, expected), field.name,
                     f"must be {expected.__name__ if expected is not float else 'a number'}, got {value!r}")
-        choices = {"task": sorted(TASKS), "model": MODELS, "kernels": kernels.CHOICES, "device": DEVICES}
+        choices = {"task": sorted(TASKS), "model": MODELS, "positional": POSITIONAL, "kernels": kernels.CHOICES,
+                   "device": DEVICES}
         for setting, allowed in choices.items():
             value = getattr(self, setting)
             require(value is None or value in allowed, setting, f"must be one of {', '.join(allowed)}, got {value!r}")
@@ -112,6 +136,18 @@ class Config:
         require(self.model not in ATTENTION_HEADS_USED or self.d_model % self.heads == 0, "heads",
                 f"({self.heads}) must divide {name('d_model')} ({self.d_model})")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        for setting in ("positional", "randomized_positions"):
+            require(self.model in ATTENTION_HEADS_USED or getattr(self, setting) == getattr(Config, setting), setting,
+                    f"applies to the transformer models ({', '.join(ATTENTION_HEADS_USED)}), not {self.model}")
+        require(self.eval_max_len is None or self.eval_max_len >= self.max_len, "eval_max_len",
+                f"({self.eval_max_len}) must be at least {name('max_len')} ({self.max_len}): evaluation covers the training lengths")
+        require(self.randomized_positions is None or self.positional != "none", "randomized_positions",
+                f"has no positions to draw with {name('positional')} none")
+        needed = positions_needed(self.model, self.eval_up_to)
+        require(self.randomized_positions is None or self.randomized_positions >= needed, "randomized_positions",
+                f"({self.randomized_positions}) must be at least {needed}: the {self.model} model's longest sequence, for a source "
+                f"of {name('eval_max_len') if self.eval_max_len is not None else name('max_len')} {self.eval_up_to}, "
+                f"takes {needed} positions")
         require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}")
         require(self.grad_clip >= 0 and math.isfinite(self.grad_clip), "grad_clip", f"must be at least 0, got {self.grad_clip}")
         require(0 <= self.warmup < self.steps, "warmup",
@@ -143,5 +179,6 @@ def _plain_type(annotation):
 
 SETTINGS = {field.name: _plain_type(field.type) for field in dataclasses.fields(Config)}
 # What a resumed run may change; everything else (model, data, optimizer) comes from the checkpoint.
-RUN_SETTINGS = ("steps", "eval_every", "eval_size", "target_accuracy", "device", "threads", "kernels", "out", "log", "watch",
-                "stop_at", "by_length")
+# --eval-max-len too, but learned positions are a table made for it (train.py refuses another).
+RUN_SETTINGS = ("steps", "eval_every", "eval_size", "eval_max_len", "target_accuracy", "device", "threads", "kernels",
+                "out", "log", "watch", "stop_at", "by_length")

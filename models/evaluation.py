@@ -7,14 +7,15 @@ SAMPLES_SHOWN = 5
 ATTENTION_KINDS = {"transformer": "cross-attention", "gpt": "attention on the source", "rnn-attention": "additive attention"}
 
 
-def evaluate(model, task, batches):
+def evaluate(model, batches):
     """Greedy-decode held-out batches: exact-match (EOS included), token accuracy, the same
-    for each source length, and some samples."""
+    for each source length, and some samples. Each batch decodes as many tokens as its longest
+    answer and EOS take: a row still going then is wrong, and would be wrong further on."""
     model.eval()
     by_length = {}  # source length -> [sequences, exactly right, right tokens, tokens]
     samples = []
     for batch in batches:
-        predictions, _ = model.greedy_decode(batch.source, task.max_len + 1)
+        predictions, _ = model.greedy_decode(batch.source, max(len(target) for target in batch.targets) + 1)
         for source, target, predicted in zip(batch.sources, batch.targets, predictions):
             expected = target + [EOS]
             counts = by_length.setdefault(len(source), [0, 0, 0, 0])
@@ -62,7 +63,7 @@ def attention_of(run, source):
     training = run.model.training
     run.model.eval()
     try:
-        (predicted,), all_maps = run.greedy_decode(batch.source, run.config.max_len + 1, need_weights=True)
+        (predicted,), all_maps = run.greedy_decode(batch.source, len(run.task.target_for(source)) + 1, need_weights=True)
     finally:
         run.model.train(training)
     return predicted, None if all_maps is None else backend.to_host(all_maps[0])

@@ -45,8 +45,8 @@ PARTS = {"parameters": "the parameters, their gradients and Adam's state",
 SIZED_BY = {"parameters": ("d_model", "d_ff", "layers", "vocab", "max_len"),
             "checkpoint": ("d_model", "d_ff", "layers", "vocab", "max_len"),
             "activations": ("batch_size", "max_len", "d_model", "d_ff", "layers", "vocab"),
-            "evaluation": ("max_len", "d_model", "d_ff", "layers", "vocab"),
-            "eval set": ("eval_size", "max_len")}
+            "evaluation": ("max_len", "eval_max_len", "d_model", "d_ff", "layers", "vocab"),
+            "eval set": ("eval_size", "max_len", "eval_max_len")}
 
 
 def _linear(inputs, outputs):
@@ -66,12 +66,11 @@ def _gru(inputs, hidden):
 def parameter_count(config):
     """The number of weights `models.build_model(config, ...)` makes, by the layers' shapes."""
     vocab, d, d_ff, layers = config.vocab + FIRST_SYMBOL, config.d_model, config.d_ff, config.layers
+    positions = config.position_count if config.positional == "learned" else 0  # only learned positions are weights
     if config.model == "transformer":
-        positions = config.max_len + 1
         return (vocab * d + positions * d + layers * _attention_block(d, d_ff, 0) + 2 * d
                 + layers * _attention_block(d, d_ff, 1) + 2 * d + _linear(d, vocab))
     if config.model == "gpt":
-        positions = 2 * config.max_len + 2
         return vocab * d + positions * d + layers * _attention_block(d, d_ff, 0) + 2 * d + _linear(d, vocab)
     context = d if config.model == "rnn-attention" else 0
     attention = d + d * d + _linear(d, d) if context else 0
@@ -100,12 +99,13 @@ def estimate(config, training=True, checkpoint=False):
     training=False: a trained model inspected (no step, no gradients); checkpoint: one was loaded."""
     parameters = parameter_count(config)
     step = _step_floats(config, config.batch_size) * FLOAT * ACTIVATION_MARGIN
-    decoding = _step_floats(config, min(config.eval_size, EVAL_BATCH)) * FLOAT * ACTIVATION_MARGIN * EVAL_ROW_SHARE
+    held_out = config.replace(max_len=config.eval_up_to, eval_max_len=None)  # evaluation's sequences, up to --eval-max-len
+    decoding = _step_floats(held_out, min(config.eval_size, EVAL_BATCH)) * FLOAT * ACTIVATION_MARGIN * EVAL_ROW_SHARE
     parts = {"parameters": parameters * FLOAT * (4 if training else 3),
              "checkpoint": parameters * FLOAT * 3 if checkpoint else 0,
              "activations": step if training and step >= decoding else 0,
              "evaluation": decoding if not training or decoding > step else 0,
-             "eval set": config.eval_size * (EVAL_SEQUENCE + EVAL_TOKEN * config.max_len),
+             "eval set": config.eval_size * (EVAL_SEQUENCE + EVAL_TOKEN * config.eval_up_to),
              "interpreter": INTERPRETER}
     return {part: int(size) for part, size in parts.items()}
 

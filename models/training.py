@@ -76,10 +76,10 @@ def blas_threads_for(config, shards):
     return max(1, cpu.core_count() // shards)
 
 
-def sharded_backward_for(config, dropout_generator=None):
-    """The ShardedBackward a run with this config takes its steps with."""
+def sharded_backward_for(config, generator=None):
+    """The ShardedBackward a run with this config takes its steps with (generator: see ShardedBackward)."""
     shards = shards_for(config)
-    return ShardedBackward(shards, dropout_generator=dropout_generator, blas_threads=blas_threads_for(config, shards))
+    return ShardedBackward(shards, generator=generator, blas_threads=blas_threads_for(config, shards))
 
 
 def config_lines(config, width=TERMINAL_WIDTH):
@@ -137,12 +137,14 @@ class Run:
     def __init__(self, config):
         self.config = config
         self.task = SequenceTask(config.task, config.vocab, config.min_len, config.max_len)
+        self.eval_task = SequenceTask(config.task, config.vocab, config.min_len, config.eval_up_to)  # held-out lengths
         self.model = build_model(config, self.task.vocab_size, device=config.device)
         self.params = self.model.parameters()
         self.optimizer = optim.Adam(self.params, lr=config.lr)
         self.schedule = optim.WarmupCosine(self.optimizer, config.warmup, config.steps)
         self.stream = self.task.batches(config.batch_size, config.seed, device=config.device)
-        self.sharded = sharded_backward_for(config, dropout_generator=self.model.generator if config.dropout else None)
+        draws = config.dropout or config.randomized_positions  # random draws in the step: each shard gets its own generator
+        self.sharded = sharded_backward_for(config, generator=self.model.generator if draws else None)
         # Evaluation is one thread of array work, so its matrix products may use all the step's threads.
         self.threads = self.sharded.shards * self.sharded.blas_threads_per_shard
         self.step, self.elapsed_before = 0, 0.0
@@ -172,14 +174,14 @@ class Run:
 
     def evaluate(self, batches):
         with kernels.use(self.config.kernels), cpu.blas_threads(self.threads):
-            return evaluate(self.model, self.task, batches)
+            return evaluate(self.model, batches)
 
     def greedy_decode(self, source, max_new_tokens, need_weights=False):
         with kernels.use(self.config.kernels), cpu.blas_threads(self.threads):
             return self.model.greedy_decode(source, max_new_tokens, need_weights=need_weights)
 
     def eval_set(self):
-        return self.task.eval_set(self.config.eval_size, self.config.seed, batch_size=512, device=self.config.device)
+        return self.eval_task.eval_set(self.config.eval_size, self.config.seed, batch_size=512, device=self.config.device)
 
     def state(self, elapsed):
         return {"config": self.config.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

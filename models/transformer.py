@@ -3,14 +3,25 @@
 The encoder reads the whole source. The decoder writes the target one token at a time;
 at each step its cross-attention looks back at every source position and weighs them.
 For reversal those weights form an anti-diagonal: output i looks at input n - 1 - i.
+
+Positions (`positional`, shared with models/gpt.py): learned or sinusoidal vectors added
+to the embeddings, rope or alibi inside every attention, or none. The source and the
+target are each counted from 0, so target position i and source position i share one
+place, in cross-attention too. With randomized_positions (Ruoss et al. 2023) each
+sequence's positions are a sorted random subset of 0..max_len-1, in training and at test.
 """
 import tinyattn as ta
 from tinyattn import nn
+from tinyattn.creation import shard_generator
 from tinyattn.tasks import PAD
 
+from .config import POSITIONAL
 from .decoding import decode_from_bos
 
-POSITIONAL = {"learned": nn.LearnedPositionalEncoding, "sinusoidal": nn.SinusoidalPositionalEncoding}
+IN_ATTENTION = ("rope", "alibi")
+# Randomized positions at test time are drawn afresh from this seed at every decode, so the same
+# weights always get the same evaluation.
+DECODING_POSITIONS_SEED = 0
 
 
 def key_padding_mask(tokens):
@@ -19,50 +30,94 @@ def key_padding_mask(tokens):
 
 
 def make_positional(kind, max_len, d_model, generator, device):
+    """The encoding added to the token embeddings; None for positions inside attention or none at all."""
     if kind not in POSITIONAL:
         raise ValueError(f"unknown positional encoding {kind!r}; expected one of {', '.join(POSITIONAL)}")
     if kind == "learned":
         return nn.LearnedPositionalEncoding(max_len, d_model, generator=generator, device=device)
-    return nn.SinusoidalPositionalEncoding(d_model, max_len=max_len, device=device)
+    if kind == "sinusoidal":
+        return nn.SinusoidalPositionalEncoding(d_model, max_len=max_len, device=device)
+    return None
+
+
+def attention_positional(kind):
+    """What the attention layers take for a model's `positional`: rope, alibi, or None."""
+    return kind if kind in IN_ATTENTION else None
+
+
+def embed_with_positions(model, tokens, offset=0, positions=None):
+    """The tokens' embeddings, plus the model's positional encoding where it adds one."""
+    x = model.embed(tokens)
+    return x if model.position is None else model.position(x, offset=offset, positions=positions)
+
+
+def draw_positions(model, lengths, width, device, generator):
+    """Randomized positions (rows, width) for rows feeding `lengths` tokens, or None when the model
+    counts 0, 1, 2, ... (nn.randomized_positions, from 0..model.max_len-1)."""
+    if not model.randomized_positions:
+        return None
+    return nn.randomized_positions(lengths, model.max_len, generator, width, device)
+
+
+def training_generator(model):
+    """Where a training step's positions are drawn from: the generator of this shard of the batch
+    (tinyattn.parallel), else the model's own (checkpointed with it)."""
+    return shard_generator() or model.generator
 
 
 class Seq2SeqTransformer(nn.Module):
     """Token embedding (shared by source and target) + positions, pre-LN encoder and decoder, output head."""
 
     def __init__(self, vocab_size, d_model=64, n_heads=4, encoder_layers=2, decoder_layers=2, d_ff=256,
-                 dropout=0.0, max_len=64, positional="learned", activation="relu", seed=0, device=None):
+                 dropout=0.0, max_len=64, positional="learned", activation="relu", seed=0, device=None,
+                 randomized_positions=False):
         super().__init__()
         self.generator = generator = ta.Generator(seed)  # weights, then dropout masks; its state is checkpointed
-        stack = dict(dropout=dropout, activation=activation, generator=generator, device=device)
         self.vocab_size, self.d_model, self.max_len = vocab_size, d_model, max_len
+        self.positional, self.randomized_positions = positional, randomized_positions
         self.embed = nn.Embedding(vocab_size, d_model, generator=generator, device=device)
         self.position = make_positional(positional, max_len, d_model, generator, device)
+        stack = dict(dropout=dropout, activation=activation, generator=generator, device=device,
+                     positional=attention_positional(positional))
         self.encoder = nn.Encoder(encoder_layers, d_model, n_heads, d_ff, **stack)
         self.decoder = nn.Decoder(decoder_layers, d_model, n_heads, d_ff, **stack)
         self.head = nn.Linear(d_model, vocab_size, generator=generator, device=device)
 
-    def encode(self, source, need_weights=False):
+    def encode(self, source, need_weights=False, positions=None):
         """Encoder states (B, S, d_model), the key padding mask and, on request, self-attention weights."""
         mask = key_padding_mask(source)
-        memory, weights = self.encoder(self.position(self.embed(source)), mask=mask, need_weights=need_weights)
+        memory, weights = self.encoder(embed_with_positions(self, source, positions=positions), mask=mask,
+                                       need_weights=need_weights, positions=positions)
         return memory, mask, weights
 
-    def decode(self, decoder_input, memory, memory_mask, need_weights=False, cache=None, offset=0):
+    def decode(self, decoder_input, memory, memory_mask, need_weights=False, cache=None, offset=0, positions=None,
+               memory_positions=None):
         """Logits (B, T, vocab) for each decoder position; with a cache, only the new positions are fed."""
-        x = self.position(self.embed(decoder_input), offset=offset)
-        hidden, weights = self.decoder(x, memory, memory_mask=memory_mask, need_weights=need_weights, cache=cache)
+        x = embed_with_positions(self, decoder_input, offset, positions)
+        hidden, weights = self.decoder(x, memory, memory_mask=memory_mask, need_weights=need_weights, cache=cache,
+                                       positions=positions, memory_positions=memory_positions)
         return self.head(hidden), weights
 
-    def forward(self, source, decoder_input, need_weights=False):
+    def forward(self, source, decoder_input, need_weights=False, source_positions=None, target_positions=None):
         """Teacher-forced logits (B, T, vocab), and the attention weights when need_weights=True:
-        {'encoder': [per layer (B, h, S, S)], 'decoder': [per layer {'self': ..., 'cross': (B, h, T, S)}]}."""
-        memory, mask, encoder_weights = self.encode(source, need_weights)
-        logits, decoder_weights = self.decode(decoder_input, memory, mask, need_weights)
+        {'encoder': [per layer (B, h, S, S)], 'decoder': [per layer {'self': ..., 'cross': (B, h, T, S)}]}.
+        Positions: None for 0, 1, 2, ...; else integer tensors (B, S) and (B, T)."""
+        memory, mask, encoder_weights = self.encode(source, need_weights, source_positions)
+        logits, decoder_weights = self.decode(decoder_input, memory, mask, need_weights, positions=target_positions,
+                                              memory_positions=source_positions)
         return logits, ({"encoder": encoder_weights, "decoder": decoder_weights} if need_weights else None)
 
     def forward_batch(self, batch):
-        """Logits and labels of a tasks.Batch, for the loss: (B, T, vocab) and (B, T)."""
-        return self(batch.source, batch.decoder_input)[0], batch.labels
+        """Logits and labels of a tasks.Batch, for the loss: (B, T, vocab) and (B, T). Randomized
+        positions are one draw per row, the source taking the first of the target's."""
+        source_length, target_length = batch.source.shape[1], batch.decoder_input.shape[1]
+        lengths = [max(len(source), len(target) + 1) for source, target in zip(batch.sources, batch.targets)]
+        drawn = draw_positions(self, lengths, max(source_length, target_length), batch.source.device,
+                               training_generator(self))
+        if drawn is None:
+            return self(batch.source, batch.decoder_input)[0], batch.labels
+        return self(batch.source, batch.decoder_input, source_positions=drawn[:, :source_length],
+                    target_positions=drawn[:, :target_length])[0], batch.labels
 
     @ta.no_grad()
     def greedy_decode(self, source, max_new_tokens, use_cache=True, need_weights=False):
@@ -71,17 +126,23 @@ class Seq2SeqTransformer(nn.Module):
         Returns the generated rows (lists of ids, EOS included when produced) and, with
         need_weights, each row's cross-attention as an array (layers, heads, generated, S).
         With use_cache=False every step re-runs the decoder over the whole prefix: the
-        slow way, kept to show what the key/value cache saves.
+        slow way, kept to show what the key/value cache saves. Randomized positions are
+        drawn once, for the longest the decode may reach (the source, or max_new_tokens).
         """
         if max_new_tokens > self.max_len:  # every generated token but the last is fed back at a new position
             raise ValueError(f"cannot decode {max_new_tokens} tokens: the model's positions stop at max_len {self.max_len}")
-        memory, mask, _ = self.encode(source)
+        width = max(source.shape[1], max_new_tokens)
+        drawn = draw_positions(self, [width] * source.shape[0], width, source.device, ta.Generator(DECODING_POSITIONS_SEED))
+        source_positions = None if drawn is None else drawn[:, :source.shape[1]]
+        memory, mask, _ = self.encode(source, positions=source_positions)
         cache = self.decoder.new_cache() if use_cache else None
 
         def step(prefix):
             position = prefix.shape[1] - 1
             feed, offset = (prefix[:, -1:], position) if use_cache else (prefix, 0)
-            logits, weights = self.decode(feed, memory, mask, need_weights=need_weights, cache=cache, offset=offset)
+            positions = None if drawn is None else drawn[:, offset:position + 1]
+            logits, weights = self.decode(feed, memory, mask, need_weights=need_weights, cache=cache, offset=offset,
+                                          positions=positions, memory_positions=source_positions)
             cross = ta.stack([layer["cross"][:, :, -1] for layer in weights], axis=1) if need_weights else None
             return logits[:, -1], cross
 

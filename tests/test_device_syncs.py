@@ -35,3 +35,22 @@ def test_a_decoding_step_reads_the_device_once(sync_counter, model):
     rows, _ = run.model.greedy_decode(source, max_new_tokens=5)
     steps = max(len(row) for row in rows)  # the loop runs until the last row says EOS, or 5 steps
     assert sync_counter.count - before == READS_BEFORE_THE_FIRST_STEP[model] + steps
+
+
+POSITIONS = {"rope": dict(positional="rope"), "alibi": dict(positional="alibi"),
+             "randomized learned": dict(randomized_positions=20), "randomized rope": dict(positional="rope", randomized_positions=20)}
+
+
+@pytest.mark.parametrize("positions", POSITIONS.values(), ids=POSITIONS.keys())
+@pytest.mark.parametrize("model", ["transformer", "gpt"])
+def test_positions_add_no_wait_for_the_device(sync_counter, model, positions):
+    """Positions are counted on the device or drawn on the host and sent, never read back."""
+    run = Run(Config(**SMALL, model=model, **positions))
+    run.train_step()
+    before = sync_counter.count
+    run.train_step()
+    assert sync_counter.count - before == 1
+    source = run.task.make_batch([[4, 5, 6, 7], [8, 4, 9, 5]]).source
+    before = sync_counter.count
+    rows, _ = run.model.greedy_decode(source, max_new_tokens=5)
+    assert sync_counter.count - before == READS_BEFORE_THE_FIRST_STEP[model] + max(len(row) for row in rows)

@@ -160,8 +160,11 @@ def assert_same_state(a, b):
 
 
 @pytest.mark.parametrize("extra", [["--threads", "1"], ["--threads", "2"], ["--dropout", "0.1", "--threads", "1"],
-                                   ["--dropout", "0.1", "--threads", "2"], ["--model", "gpt", "--threads", "2"]],
-                         ids=["transformer", "two-threads", "dropout", "dropout-two-threads", "gpt"])
+                                   ["--dropout", "0.1", "--threads", "2"], ["--model", "gpt", "--threads", "2"],
+                                   ["--randomized-positions", "12", "--threads", "2"],
+                                   ["--model", "gpt", "--positional", "rope", "--randomized-positions", "20", "--threads", "1"]],
+                         ids=["transformer", "two-threads", "dropout", "dropout-two-threads", "gpt", "randomized-two-threads",
+                              "gpt-rope-randomized"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
     flags = [*TINY, "--lr", "3e-3", "--steps", "40", "--eval-every", "10", "--target-accuracy", "1.0", *extra]
     code, stdout, stderr = run_main([*flags, "--out", tmp_path / "a", "--log", tmp_path / "a.jsonl"])
@@ -287,6 +290,13 @@ BAD_FLAGS = [
     (["--task", "lookup", "--vocab", "10"], "--vocab must be at least 14 for the lookup task with --max-len 16"),
     (["--task", "lookup", "--max-len", "2"], "--max-len must be at least 3 for the lookup task"),
     (["--task", "lookup", "--min-len", "6", "--max-len", "6"], "--min-len (6) leaves no lookup source length up to --max-len (6)"),
+    (["--positional", "xpos"], "--positional"),
+    (["--eval-max-len", "8"], "--eval-max-len (8) must be at least --max-len (16)"),
+    (["--randomized-positions", "10"], "--randomized-positions (10) must be at least 17"),
+    (["--model", "gpt", "--eval-max-len", "32", "--randomized-positions", "40"],
+     "--randomized-positions (40) must be at least 66: the gpt model's longest sequence, for a source of --eval-max-len 32"),
+    (["--positional", "none", "--randomized-positions", "64"], "--randomized-positions has no positions to draw with --positional none"),
+    (["--model", "rnn", "--positional", "rope"], "--positional applies to the transformer models (transformer, gpt), not rnn"),
 ]
 
 
@@ -747,3 +757,64 @@ def test_a_resumed_run_may_switch_kernels(trained, tmp_path):
 def test_an_unknown_kernels_value_is_one_line():
     code, _, stderr = run_main(["--kernels", "fast"])
     assert code == 2 and "--kernels" in error_line(stderr) and "fused" in error_line(stderr)
+
+
+# --- positions, and lengths never trained on ---------------------------------------------------------
+
+def by_length_rows(stdout):
+    """The source lengths of a --by-length table."""
+    return [int(line.split()[0]) for line in stdout.split("source length  sequences  exact-match  token accuracy\n")[1].splitlines()
+            if line.strip() and line.split()[0].isdigit()]
+
+
+def test_a_rope_run_is_evaluated_past_its_training_lengths_and_its_checkpoint_records_the_positions(tmp_path):
+    out = tmp_path / "rope"
+    code, stdout, stderr = run_main([*TINY, "--positional", "rope", "--eval-max-len", "6", "--steps", "30",
+                                     "--eval-every", "30", "--by-length", "--out", out])
+    assert code == 0, stderr
+    assert by_length_rows(stdout) == [1, 2, 3, 4, 5, 6]  # trained on 1..4
+    path = out / CHECKPOINT_NAME
+    config = checkpoint.load(path)["config"]
+    assert (config["positional"], config["randomized_positions"], config["eval_max_len"]) == ("rope", None, 6)
+    # positions inside attention need no table: a checkpoint is evaluated as far as asked, and decodes as long
+    code, stdout, stderr = run_main(["--checkpoint", path, "--evaluate", "--by-length", "--eval-max-len", "9"])
+    assert code == 0, stderr
+    assert by_length_rows(stdout) == list(range(1, 10))
+    code, stdout, stderr = run_main(["--checkpoint", path, "--decode", "0 1 2 3 0 1 2", "--svg", tmp_path / "a.svg"])
+    assert code == 2 and "--decode got 7 symbols; this run takes sources of at most --eval-max-len 6" in error_line(stderr)
+    code, stdout, stderr = run_main(["--checkpoint", path, "--decode", "0 1 2 3 0 1 2", "--eval-max-len", "7",
+                                     "--svg", tmp_path / "a.svg"])
+    assert code == 0 and stdout.startswith("0 1 2 3 0 1 2 -> "), stderr
+
+
+def test_learned_positions_refuse_an_eval_max_len_their_table_was_not_made_for(trained):
+    for asked, beyond in (("8", ", and positions past those do not exist"), ("4", "")):
+        code, stdout, stderr = run_main(["--checkpoint", trained["path"], "--evaluate", "--eval-max-len", asked])
+        if asked == "4":  # the training maximum is what the table was made for
+            assert code == 0, stderr
+            continue
+        assert code == 2 and stdout == ""
+        assert error_line(stderr) == (f"train.py: error: --eval-max-len ({asked}) must stay 4 for {trained['path']}: its learned "
+                                      f"positions were made for sources up to 4{beyond}")
+
+
+def test_a_checkpoint_saved_before_the_positional_settings_loads_with_their_defaults(trained, tmp_path):
+    state = checkpoint.load(trained["path"])
+    for setting in ("positional", "randomized_positions", "eval_max_len"):
+        del state["config"][setting]
+    old = tmp_path / "old.npz"
+    checkpoint.save(old, state)
+    code, stdout, stderr = run_main(["--checkpoint", old, "--evaluate"])
+    assert code == 0, stderr
+    assert EVALUATED.search(stdout).groups() == ("100.0", "64")
+
+
+def test_randomized_positions_train_and_are_drawn_at_evaluation_too(tmp_path):
+    out = tmp_path / "randomized"
+    code, stdout, stderr = run_main([*TINY, "--randomized-positions", "16", "--eval-max-len", "6", "--steps", "30",
+                                     "--eval-every", "30", "--by-length", "--out", out])
+    assert code == 0, stderr
+    assert by_length_rows(stdout) == [1, 2, 3, 4, 5, 6]
+    code, stdout, stderr = run_main(["--checkpoint", out / CHECKPOINT_NAME, "--evaluate", "--eval-max-len", "20"])
+    assert code == 2  # positions are drawn from 0..15: a source of 20 needs 21
+    assert "--randomized-positions (16) must be at least 21" in error_line(stderr)

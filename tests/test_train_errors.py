@@ -217,13 +217,17 @@ def test_available_memory_reads_meminfo_then_sysconf(monkeypatch):
 
 
 SIZES = [dict(d_model=32, heads=2, layers=1, d_ff=64, vocab=4, max_len=4), dict(), dict(d_model=48, heads=3, layers=3, d_ff=100, vocab=7, max_len=9)]
+# Only learned positions are weights: their table grows with --eval-max-len, or is --randomized-positions rows.
+POSITIONS = [dict(), dict(eval_max_len=40), dict(randomized_positions=90), dict(positional="sinusoidal", eval_max_len=40),
+             dict(positional="rope"), dict(positional="alibi", randomized_positions=90), dict(positional="none")]
 
 
 @pytest.mark.parametrize("model", ["transformer", "gpt", "rnn", "rnn-attention"])
 def test_the_estimate_counts_every_parameter(model):
     for sizes in SIZES:
-        config = Config(model=model, **sizes)
-        assert memory.parameter_count(config) == build_model(config, config.vocab + FIRST_SYMBOL).num_parameters()
+        for positions in POSITIONS if model in ("transformer", "gpt") else [dict()]:
+            config = Config(model=model, **sizes, **positions)
+            assert memory.parameter_count(config) == build_model(config, config.vocab + FIRST_SYMBOL).num_parameters()
 
 
 @pytest.mark.parametrize("model", ["transformer", "gpt", "rnn", "rnn-attention"])

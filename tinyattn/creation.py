@@ -20,25 +20,25 @@ def default_generator():
     return _default_generator
 
 
-_dropout_generator = contextvars.ContextVar("tinyattn_dropout_generator", default=None)
+_shard_generator = contextvars.ContextVar("tinyattn_shard_generator", default=None)
 
 
-def dropout_generator():
-    """The generator every dropout mask in this context is drawn from, or None for each
-    module's own (see drawing_dropout_from)."""
-    return _dropout_generator.get()
+def shard_generator():
+    """The generator that the random draws of a training step (dropout masks, randomized
+    positions) take in this context, or None for each module's own (see drawing_from)."""
+    return _shard_generator.get()
 
 
 @contextlib.contextmanager
-def drawing_dropout_from(generator):
-    """Draw every dropout mask in the block from `generator` instead of the modules' own
-    (None: the modules' own): each shard of a batch gets its own (tinyattn.parallel), so
-    threads never share one."""
-    token = _dropout_generator.set(generator)
+def drawing_from(generator):
+    """Take every dropout mask and randomized position in the block from `generator` instead
+    of the modules' own (None: the modules' own): each shard of a batch gets its own
+    (tinyattn.parallel), so threads never share one."""
+    token = _shard_generator.set(generator)
     try:
         yield generator
     finally:
-        _dropout_generator.reset(token)
+        _shard_generator.reset(token)
 
 
 def tensor(data, dtype=None, requires_grad=False, device=None):

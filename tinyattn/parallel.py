@@ -20,7 +20,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from . import backend, cpu, profiler
-from .creation import drawing_dropout_from
+from .creation import drawing_from
 from .engine import Tensor, grad
 
 
@@ -48,16 +48,17 @@ class ShardedBackward:
     blas_threads: how many threads each shard's matrix products may use (default: the
     process's cores shared among the shards), held for the call, with one shard too.
 
-    dropout_generator: with several shards, each shard draws its dropout masks from its own
-    generator, seeded each call from this one (threads taking turns at one generator would
-    make a run unrepeatable), so a run with dropout is repeatable for a given number of shards.
+    generator: with several shards, each shard draws its dropout masks and randomized positions
+    from its own generator, seeded each call from this one (threads taking turns at one
+    generator would make a run unrepeatable), so such a run is repeatable for a given number
+    of shards.
     """
 
-    def __init__(self, shards, dropout_generator=None, blas_threads=None):
+    def __init__(self, shards, generator=None, blas_threads=None):
         for name, value in (("shards", shards), ("blas_threads", blas_threads if blas_threads is not None else 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.shards, self.dropout_generator = shards, dropout_generator
+        self.shards, self.generator = shards, generator
         self.blas_threads_per_shard = blas_threads or max(1, cpu.core_count() // shards)
         self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="tinyattn-shard") if shards > 1 else None
 
@@ -71,11 +72,11 @@ class ShardedBackward:
                     outputs[0].backward()
             return [outputs]
         params = [param for param in params if param.requires_grad]
-        own_generators = ([backend.generator(int(seed)) for seed in self.dropout_generator.integers(0, 2 ** 63, size=len(shards))]
-                          if self.dropout_generator is not None else [None] * len(shards))
+        own_generators = ([backend.generator(int(seed)) for seed in self.generator.integers(0, 2 ** 63, size=len(shards))]
+                          if self.generator is not None else [None] * len(shards))
 
         def run(shard, generator):
-            with drawing_dropout_from(generator):
+            with drawing_from(generator):
                 outputs = loss_of(shard)
             return outputs, grad(outputs[0], params, allow_unused=True) if _worth_differentiating(outputs[0]) else None
 

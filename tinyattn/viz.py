@@ -173,7 +173,8 @@ def filmstrip_svg(frames, column_labels, title):
     return "\n".join(parts) + "\n"
 
 
-LINE_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+LINE_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
+LEGEND_ENTRY = 170  # the width of one series' entry in a chart's legend
 Y_TOP = 1.08  # the top of a chart's y range: a line at 1.0 sits below the frame, not on it
 # One marker shape per series, so series that coincide (all at 100%) are still told apart.
 MARKERS = (lambda x, y, c: f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{c}"/>',
@@ -182,20 +183,24 @@ MARKERS = (lambda x, y, c: f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{c}
            lambda x, y, c: f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="none" stroke="{c}" stroke-width="1.5"/>')
 
 
-def line_chart_svg(panels, x_label, y_label, title="", x_ticks=None):
+def line_chart_svg(panels, x_label, y_label, title="", shade=None, labelled_x=None, x_ticks=None):
     """Side-by-side line charts as SVG. `panels` maps a panel title to {series name: [(x, y), ...]};
     y runs from 0 to 1 (an accuracy), drawn with room above 1 so that a line at 100% stays
-    visible, x over the union of the series' x values, each tick labelled by `x_ticks[x]`
-    where given (a bucket of lengths as "1-4"). Points are marked, so lines that lie on one
-    another still show each series."""
+    visible, x over the union of the series' x values. shade: (x from, x to, label), a band
+    drawn behind the lines of every panel; labelled_x: the x values that get a label under
+    the axis (default every one); x_ticks: a label for an x value where it is not the number
+    (a bucket of lengths as "1-4"). Points are marked, so lines that lie on one another still
+    show each series."""
     width, height, margin = 360, 260, 50
     x_ticks = x_ticks or {}
     spacing = width + margin + 24  # a panel and the room for the next one's y-axis labels
     total_width = margin + len(panels) * spacing
-    parts = _svg_open(total_width, height + 2 * margin + 30, 11)
+    names = sorted({name for series in panels.values() for name in series})
+    per_row = max(1, (total_width - margin) // LEGEND_ENTRY)
+    legend_rows = -(-len(names) // per_row)
+    parts = _svg_open(total_width, height + 2 * margin + 14 + 16 * legend_rows, 11)
     if title:
         parts.append(f'<text x="{margin}" y="20" font-size="14">{escape(title)}</text>')
-    names = sorted({name for series in panels.values() for name in series})
     colours = {name: LINE_COLOURS[i % len(LINE_COLOURS)] for i, name in enumerate(names)}
     for index, (panel, series) in enumerate(panels.items()):
         left, top = margin + index * spacing, margin
@@ -205,13 +210,18 @@ def line_chart_svg(panels, x_label, y_label, title="", x_ticks=None):
         def place(x, y):
             return left + (x - low) / ((high - low) or 1) * width, top + (Y_TOP - y) / Y_TOP * height
 
+        if shade is not None:
+            (start, _), (end, _) = place(shade[0], 0.0), place(shade[1], 0.0)
+            parts.append(f'<rect x="{start:.1f}" y="{top}" width="{end - start:.1f}" height="{height}" fill="#eeeeee"/>')
+            parts.append(f'<text x="{(start + end) / 2:.1f}" y="{top + 14}" text-anchor="middle" fill="#777">'
+                         f'{escape(shade[2])}</text>')
         parts.append(f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#999"/>')
         parts.append(f'<text x="{left + width / 2}" y="{top - 8}" text-anchor="middle" font-size="12">{escape(panel)}</text>')
         for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
             _, y = place(low, tick)
             parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}" stroke="#eee"/>')
             parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
-        for x in sorted(set(xs)):
+        for x in sorted(set(xs)) if labelled_x is None else labelled_x:
             px, _ = place(x, 0.0)
             parts.append(f'<text x="{px:.1f}" y="{top + height + 14}" text-anchor="middle">{escape(x_ticks.get(x, f"{x:g}"))}</text>')
         parts.append(f'<text x="{left + width / 2}" y="{top + height + 30}" text-anchor="middle">{escape(x_label)}</text>')
@@ -222,8 +232,8 @@ def line_chart_svg(panels, x_label, y_label, title="", x_ticks=None):
             parts.append(f'<polyline points="{coordinates}" fill="none" stroke="{colours[name]}" stroke-width="2"/>')
             marker = MARKERS[names.index(name) % len(MARKERS)]
             parts += [marker(px, py, colours[name]) for px, py in (place(x, y) for x, y in points)]
-    for i, name in enumerate(names):
-        x, y = margin + i * 170, height + 2 * margin + 16
+    for i, name in enumerate(names):  # the legend, in rows that fit the width
+        x, y = margin + i % per_row * LEGEND_ENTRY, height + 2 * margin + 16 + 16 * (i // per_row)
         parts.append(f'<line x1="{x}" y1="{y - 4}" x2="{x + 24}" y2="{y - 4}" stroke="{colours[name]}" stroke-width="3"/>')
         parts.append(MARKERS[i % len(MARKERS)](x + 12, y - 4, colours[name]))
         parts.append(f'<text x="{x + 30}" y="{y}">{escape(name)}</text>')

@@ -8,11 +8,16 @@
     FusedMultiHeadAttention       the block as one Function; outputs (output, weights)
     multi_head_attention          picks one of them by the kernels switch
 
+    rotate                        RoPE's turn of queries and keys, one definition for both paths
+
 Both paths take the same boolean may-attend mask and the same dropout keep-mask, so they
 compute the same function. Masked scores are MASKED_SCORE, and a query whose keys are all
-masked gets no weight at all (rows.rows_with_a_key), on both paths.
+masked gets no weight at all (rows.rows_with_a_key), on both paths. The multi-head block
+also takes positions in two forms (tinyattn.nn.positions makes them): rotations of the
+queries and keys (RoPE) and a bias added to the scores (ALiBi).
 """
 import collections
+import functools
 import math
 
 from .. import backend
@@ -57,10 +62,13 @@ def _broadcasts_to(shape, target):
 
 # --- the core ----------------------------------------------------------------------------------
 
-def attention_composed(q, k, v, allowed=None, keep_scale=None):
-    """softmax(q k^T / sqrt(d)) v written with engine ops; autodiff derives every gradient.
-    Returns (output, weights); keep_scale is a dropout keep-mask (an array) for the weights."""
+def attention_composed(q, k, v, allowed=None, keep_scale=None, score_bias=None):
+    """softmax(q k^T / sqrt(d) + score_bias) v written with engine ops; autodiff derives every
+    gradient. Returns (output, weights); keep_scale is a dropout keep-mask (an array) for the
+    weights, score_bias an array added to the scaled scores (ALiBi's distances)."""
     scores = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if score_bias is not None:
+        scores = scores + constant(score_bias)
     if allowed is not None:
         scores = where(constant(allowed), scores, rows.MASKED_SCORE)
     weights = softmax(scores, axis=-1)
@@ -70,9 +78,13 @@ def attention_composed(q, k, v, allowed=None, keep_scale=None):
     return attended @ v, weights
 
 
-def additive_mask(xp, allowed, dtype):
-    """0 where attention is allowed, MASKED_SCORE where not; None for no mask."""
-    return None if allowed is None else xp.where(allowed, 0.0, rows.MASKED_SCORE).astype(dtype)
+def additive_mask(xp, allowed, dtype, score_bias=None):
+    """0 where attention is allowed, MASKED_SCORE where not, plus score_bias (an array, or None);
+    None for neither."""
+    mask_bias = None if allowed is None else xp.where(allowed, 0.0, rows.MASKED_SCORE).astype(dtype)
+    if score_bias is None:
+        return mask_bias
+    return score_bias if mask_bias is None else mask_bias + score_bias
 
 
 def _scores(q_scaled, k_t, mask_bias):
@@ -167,6 +179,31 @@ def scaled_dot_product_attention(q, k, v, mask=None, causal=False, dropout_p=0.0
     return (out, weights) if return_weights else out
 
 
+# --- rotary positions (RoPE) -----------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def half_turn(xp, size, dtype):
+    """The (size, size) matrix R with [x1, x2] @ R = [-x2, x1] for x split into halves: a quarter
+    turn of every feature pair (i, i + size/2). Made once and shared; never write to it."""
+    half = size // 2
+    turn = xp.zeros((size, size), dtype=dtype)
+    pairs = xp.arange(half)
+    turn[pairs + half, pairs] = -1.0
+    turn[pairs, pairs + half] = 1.0
+    return turn
+
+
+def rotate(x, cos, sin):
+    """x (..., d) with each feature pair (i, i + d/2) turned by its angle: x cos + (x R) sin, R the
+    half_turn, cos and sin (..., d) the angles' cosines and sines (equal in both halves).
+
+    Written in the operators that arrays and Tensors share, so the composed reference (on
+    Tensors) and the fused block (on arrays) run this one definition. Turning back is
+    rotate(y, cos, -sin): a fused backward turns the gradients so."""
+    xp = x.xp if isinstance(x, Tensor) else backend.array_module(x)
+    return x * cos + (x @ half_turn(xp, x.shape[-1], x.dtype)) * sin
+
+
 # --- the multi-head block -------------------------------------------------------------------------
 
 class AttentionProjections(collections.namedtuple(
@@ -185,27 +222,35 @@ def _split_heads(x, heads):
     return x.reshape(batch, length, heads, width // heads).swapaxes(1, 2)
 
 
-def multi_head_attention_composed(x, projections, heads, context=None, allowed=None, keep_scale=None, cache=None):
+def multi_head_attention_composed(x, projections, heads, context=None, allowed=None, keep_scale=None, cache=None,
+                                  rotary=None, score_bias=None):
     """The block from engine ops: project, split into heads, attend, merge the heads, project.
     Returns (output (B, T, d), weights (B, heads, T, S)).
 
     cache: a dict filled with the keys and values (B, heads, S, d). In self-attention the
     new keys and values are appended to it, so decoding one token at a time projects only
     that token; in cross-attention the context's are computed once and reused.
+    rotary: ((cos, sin) of the queries, (cos, sin) of the keys this call projects), by which
+    they are turned (rotate) before the scores; a cache keeps the keys turned. score_bias:
+    an array broadcastable to the weights, added to the scaled scores.
     """
     p = projections
     q = _split_heads(linear(x, p.q_weight, p.q_bias), heads)
+    if rotary is not None:
+        q = rotate(q, *rotary[0])
     if cache is not None and context is not None and "k" in cache:
         k, v = cache["k"], cache["v"]
     else:
         source = x if context is None else context
         k = _split_heads(linear(source, p.k_weight, p.k_bias), heads)
         v = _split_heads(linear(source, p.v_weight, p.v_bias), heads)
+        if rotary is not None:
+            k = rotate(k, *rotary[1])
         if cache is not None:
             if context is None and "k" in cache:
                 k, v = concatenate([cache["k"], k], axis=2), concatenate([cache["v"], v], axis=2)
             cache["k"], cache["v"] = k, v
-    out, weights = attention_composed(q, k, v, allowed, keep_scale)
+    out, weights = attention_composed(q, k, v, allowed, keep_scale, score_bias)
     batch, length, width = x.shape
     return linear(out.swapaxes(1, 2).reshape(batch, length, width), p.out_weight, p.out_bias), weights
 
@@ -235,11 +280,12 @@ class FusedMultiHeadAttention(FusedSublayer):
     projection's columns, and the products that make the output and the q, k, v gradients
     write straight into the stacked layouts the next GEMMs read. A residual (shaped like x)
     is added to the output in place. A cache (see multi_head_attention_composed) is for
-    decoding, under no_grad.
+    decoding, under no_grad. rotary turns the queries and the new keys (rotate) after the
+    projection, and backward turns their gradients back; score_bias joins the mask's bias.
     """
 
     def forward(self, x, context, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
-                norm_weight, norm_bias, residual, *, heads, norm_eps, allowed, keep_scale, cache):
+                norm_weight, norm_bias, residual, *, heads, norm_eps, allowed, keep_scale, cache, rotary, score_bias):
         xp = self.xp
         self.cross = context is not None
         batch, length, d_model = x.shape
@@ -257,6 +303,8 @@ class FusedMultiHeadAttention(FusedSublayer):
         projected = matmul(rows_in, self.w_x_used.T)
         projected += b_x * self.row_scale
         q_scaled = _heads_view(projected[:, :d_model], batch, length, heads)
+        if rotary is not None:
+            q_scaled = rotate(q_scaled, *rotary[0])
         c2 = rows_in
         if self.cross and cache is not None and "k" in cache:
             k, v = cache["k"].data, cache["v"].data
@@ -271,13 +319,15 @@ class FusedMultiHeadAttention(FusedSublayer):
             source_length = kv2.shape[0] // batch
             k = _heads_view(kv2[:, :d_model], batch, source_length, heads)
             v = _heads_view(kv2[:, d_model:], batch, source_length, heads)
+            if rotary is not None:
+                k = rotate(k, *rotary[1])
             if cache is not None:
                 if not self.cross and "k" in cache:
                     k, v = xp.concatenate([cache["k"].data, k], axis=2), xp.concatenate([cache["v"].data, v], axis=2)
                 cache["k"], cache["v"] = constant(k), constant(v)
         # The scores' right operand is copied contiguous: a doubly transposed view makes the batched GEMM slow.
         k_t = xp.ascontiguousarray(k.swapaxes(-1, -2))
-        mask_bias = additive_mask(xp, allowed, x.dtype)
+        mask_bias = additive_mask(xp, allowed, x.dtype, score_bias)
         merged = xp.empty((batch * length, d_model), dtype=x.dtype)
         _, weights, attended = attention_forward(xp, q_scaled, k_t, v, allowed, mask_bias, keep_scale,
                                                  out=_heads_view(merged, batch, length, heads))
@@ -286,6 +336,7 @@ class FusedMultiHeadAttention(FusedSublayer):
             y += out_bias
         self._add_residual(y, x, residual)
         self.saved = (rows_in, c2, q_scaled, k, v, weights, attended, merged, keep_scale, out_weight)
+        self.rotary = rotary
         self.has_bias = tuple(b is not None for b in (q_bias, k_bias, v_bias, out_bias))
         return y.reshape(batch, length, d_model), weights
 
@@ -304,8 +355,15 @@ class FusedMultiHeadAttention(FusedSublayer):
         grads_into = (_heads_view(grad_projected[:, :d_model], batch, length, heads),
                       _heads_view(grad_kv[:, :d_model], batch, source_length, heads),
                       _heads_view(grad_kv[:, d_model:], batch, source_length, heads))
-        attention_backward(xp, grad_heads_out, None if grad_weights is None else grad_weights.data, q_scaled, k, v,
-                           weights, attended, keep_scale, grads_into)
+        grad_weights = None if grad_weights is None else grad_weights.data
+        if self.rotary is None:
+            attention_backward(xp, grad_heads_out, grad_weights, q_scaled, k, v, weights, attended, keep_scale, grads_into)
+        else:  # the gradients of the turned queries and keys, turned back into the projection's layout
+            grad_q, grad_k, _ = attention_backward(xp, grad_heads_out, grad_weights, q_scaled, k, v, weights, attended,
+                                                   keep_scale, (None, None, grads_into[2]))
+            (q_cos, q_sin), (k_cos, k_sin) = self.rotary
+            grads_into[0][...] = rotate(grad_q, q_cos, -q_sin)
+            grads_into[1][...] = rotate(grad_k, k_cos, -k_sin)
         grad_rows = matmul(grad_projected, self.w_x_used)
         grad_w_x, grad_b_x = matmul(grad_projected.T, rows_in), rows.column_sum(xp, grad_projected)
         grad_w_x *= self.row_scale[:, None]  # back from the scaled q rows to the weights as given
@@ -332,9 +390,10 @@ def _records_gradients(*tensors):
 
 
 def multi_head_attention(x, projections, heads, context=None, mask=None, causal=False, dropout_p=0.0, generator=None,
-                         cache=None, need_weights=False):
+                         cache=None, need_weights=False, rotary=None, score_bias=None):
     """Multi-head attention of x (B, T, d) over context (B, S, d), or over itself when context
     is None. Returns (output (B, T, d), weights (B, heads, T, S) or None); the weights carry gradient.
+    rotary and score_bias bring positions in (see multi_head_attention_composed).
 
     Runs FusedMultiHeadAttention or multi_head_attention_composed by the kernels switch. A
     cache while gradients are recorded takes the composed reference (said once). When x is
@@ -354,6 +413,9 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
         source_length = cache["k"].shape[2]
     weights_shape = (x.shape[0], heads, x.shape[1], source_length)
     allowed = attention_mask(mask, causal, x.shape[1], source_length, x, weights_shape)
+    if score_bias is not None and not _broadcasts_to(score_bias.shape, weights_shape):
+        raise ValueError(f"a score bias of shape {score_bias.shape} must broadcast to the attention weights' shape "
+                         f"(batch, heads, queries, keys) = {weights_shape}")
     keep_scale = dropout_mask(weights_shape, dropout_p, generator, x).data if dropout_p else None
     fused = fused_selected()
     records = fused and _records_gradients(x, context, *projections)
@@ -361,7 +423,8 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
         composed_instead("multi-head attention", "a key/value cache while gradients are recorded")
         fused = False
     if not fused:
-        out, weights = multi_head_attention_composed(x, projections, heads, context, allowed, keep_scale, cache)
+        out, weights = multi_head_attention_composed(x, projections, heads, context, allowed, keep_scale, cache, rotary,
+                                                     score_bias)
         return out, (weights if need_weights else None)
     norm = x.deferred_norm() if isinstance(x, DeferredLayerNorm) else None
     if norm is not None:
@@ -372,7 +435,8 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
 
     def run(residual):
         return FusedMultiHeadAttention.apply(x, context, *projections, norm_weight, norm_bias, residual, heads=heads,
-                                             norm_eps=norm_eps, allowed=allowed, keep_scale=keep_scale, cache=cache)
+                                             norm_eps=norm_eps, allowed=allowed, keep_scale=keep_scale, cache=cache,
+                                             rotary=rotary, score_bias=score_bias)
 
     if cache is not None or need_weights:  # a cache is filled, and weights are read, at once
         return run(None)

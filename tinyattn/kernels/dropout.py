@@ -1,13 +1,13 @@
 """Dropout: one path for both kernels, a multiply by a keep-mask drawn on the tensor's device."""
 from .. import backend
-from ..creation import dropout_generator
+from ..creation import shard_generator
 from ..ops import constant
 
 
 def dropout_mask(shape, p, generator, like):
     """A keep-mask scaled by 1/(1-p), drawn on like's device from `generator` (or from the
-    generator a batch shard was given: creation.dropout_generator), so seeds match across devices."""
-    keep = backend.uniform_on(like.device, shape, dropout_generator() or generator) >= p
+    generator a batch shard was given: creation.shard_generator), so seeds match across devices."""
+    keep = backend.uniform_on(like.device, shape, shard_generator() or generator) >= p
     return constant(keep.astype(like.dtype) * (1.0 / (1.0 - p)))
 
 

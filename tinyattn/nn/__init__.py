@@ -4,5 +4,6 @@ from .attention import MultiHeadAttention
 from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ReLU
 from .module import Module, ModuleList, Parameter, Sequential
 from .recurrent import AdditiveAttention, GRUCell, run_gru
-from .transformer import (Decoder, DecoderLayer, Encoder, EncoderLayer, FeedForward, LearnedPositionalEncoding,
-                          SinusoidalPositionalEncoding)
+from .positions import (ALiBiPositionalBias, LearnedPositionalEncoding, RotaryPositionalEncoding,
+                        SinusoidalPositionalEncoding, randomized_positions)
+from .transformer import Decoder, DecoderLayer, Encoder, EncoderLayer, FeedForward

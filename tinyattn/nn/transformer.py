@@ -1,54 +1,19 @@
-"""Transformer blocks: positional encodings, the feed-forward block, pre-LN encoder and decoder layers.
+"""Transformer blocks: the feed-forward block, pre-LN encoder and decoder layers and their stacks.
 
 Pre-LayerNorm (normalise, then attend or feed forward, then add the residual) trains
 stably without careful warm-up, which is why GPT-2 and most small models use it.
 Every stack returns (output, weights); weights is None unless need_weights=True.
-"""
-import math
 
+positional: None, or "rope" or "alibi" for positions inside every attention
+(tinyattn.nn.positions); the stacks then take the tokens' `positions` (None: 0, 1, ...).
+"""
 from .. import backend
 from ..kernels.feed_forward import ACTIVATIONS, feed_forward
-from ..creation import default_generator, empty_parameter_data
-from ..engine import Tensor
+from ..creation import default_generator
 from .attention import MultiHeadAttention
 from .layers import Dropout, LayerNorm, Linear
-from .module import Module, ModuleList, Parameter
-from . import init
-
-
-def _check_length(offset, length, max_len):
-    if offset + length > max_len:
-        raise ValueError(f"positions {offset}..{offset + length - 1} exceed the positional encoding's max_len {max_len}")
-
-
-class SinusoidalPositionalEncoding(Module):
-    """Adds sin/cos waves of geometric wavelengths (Vaswani et al. 2017); nothing to learn."""
-
-    def __init__(self, d_model, max_len=512, device=None, dtype=backend.float32):
-        super().__init__()
-        self.d_model, self.max_len = d_model, max_len
-        # Dimension pair (2i, 2i+1) turns at frequency 10000^(-2i/d): wavelengths from 2*pi to 10000*2*pi.
-        frequencies = [10000.0 ** (-(i - i % 2) / d_model) for i in range(d_model)]
-        table = [[math.sin(pos * f) if i % 2 == 0 else math.cos(pos * f) for i, f in enumerate(frequencies)]
-                 for pos in range(max_len)]
-        self.table = Tensor(table, dtype=dtype, device=device)  # a buffer: moves with .to(), not trained
-
-    def forward(self, x, offset=0):
-        _check_length(offset, x.shape[-2], self.max_len)
-        return x + self.table[offset:offset + x.shape[-2]]
-
-
-class LearnedPositionalEncoding(Module):
-    """One trained vector per position, as in GPT-2."""
-
-    def __init__(self, max_len, d_model, generator=None, device=None, dtype=backend.float32):
-        super().__init__()
-        self.d_model, self.max_len = d_model, max_len
-        self.weight = init.normal_(Parameter(empty_parameter_data((max_len, d_model), dtype, device)), 0.0, 0.02, generator)
-
-    def forward(self, x, offset=0):
-        _check_length(offset, x.shape[-2], self.max_len)
-        return x + self.weight[offset:offset + x.shape[-2]]
+from .module import Module, ModuleList
+from .positions import positions_after
 
 
 class FeedForward(Module):
@@ -77,19 +42,20 @@ class EncoderLayer(Module):
     """Pre-LN: x = x + self_attn(norm1(x)), then x = x + feed_forward(norm2(x))."""
 
     def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="relu", generator=None, device=None,
-                 dtype=backend.float32):
+                 dtype=backend.float32, positional=None):
         super().__init__()
         generator = generator or default_generator()
         make = dict(generator=generator, device=device, dtype=dtype)
         self.norm1 = LayerNorm(d_model, device=device, dtype=dtype)
-        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, **make)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, positional=positional, **make)
         self.norm2 = LayerNorm(d_model, device=device, dtype=dtype)
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, **make)
         self.dropout = Dropout(dropout, generator)
 
-    def forward(self, x, mask=None, need_weights=False, causal=False, cache=None):
+    def forward(self, x, mask=None, need_weights=False, causal=False, cache=None, positions=None):
         """causal=True makes it a decoder-only (GPT) block; cache: a dict for step-by-step decoding."""
-        attended, weights = self.self_attn(self.norm1(x), mask=mask, causal=causal, need_weights=need_weights, cache=cache)
+        attended, weights = self.self_attn(self.norm1(x), mask=mask, causal=causal, need_weights=need_weights, cache=cache,
+                                           positions=positions)
         x = x + self.dropout(attended)
         x = x + self.dropout(self.feed_forward(self.norm2(x)))
         return x, weights
@@ -102,20 +68,29 @@ class DecoderLayer(EncoderLayer):
     """
 
     def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="relu", generator=None, device=None,
-                 dtype=backend.float32):
-        super().__init__(d_model, n_heads, d_ff, dropout, activation, generator, device, dtype)
+                 dtype=backend.float32, positional=None):
+        super().__init__(d_model, n_heads, d_ff, dropout, activation, generator, device, dtype, positional)
         self.cross_norm = LayerNorm(d_model, device=device, dtype=dtype)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout, generator=self.self_attn.generator,
-                                             device=device, dtype=dtype)
+                                             device=device, dtype=dtype, positional=positional)
 
-    def forward(self, x, memory, self_mask=None, memory_mask=None, need_weights=False, cache=None):
-        """cache: {'self': {}, 'cross': {}} to decode one step at a time (see MultiHeadAttention)."""
+    def forward(self, x, memory, self_mask=None, memory_mask=None, need_weights=False, cache=None, positions=None,
+                memory_positions=None):
+        """cache: {'self': {}, 'cross': {}} to decode one step at a time (see MultiHeadAttention).
+
+        With positions inside attention, cross-attention compares the target's positions with
+        the source's (`memory_positions`, None: 0, 1, ...), both counted from the start of
+        their own sequence, as the embeddings' encodings count them: target position i and
+        source position i share one place."""
         self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
+        if positions is None and self.self_attn.positional is not None:  # the cross-attention's queries too sit after the cache
+            positions = positions_after(self_cache, x.shape[1], x)
         attended, self_weights = self.self_attn(self.norm1(x), mask=self_mask, causal=True, need_weights=need_weights,
-                                                cache=self_cache)
+                                                cache=self_cache, positions=positions)
         x = x + self.dropout(attended)
         attended, cross_weights = self.cross_attn(self.cross_norm(x), context=memory, mask=memory_mask,
-                                                  need_weights=need_weights, cache=cross_cache)
+                                                  need_weights=need_weights, cache=cross_cache, positions=positions,
+                                                  context_positions=memory_positions)
         x = x + self.dropout(attended)
         x = x + self.dropout(self.feed_forward(self.norm2(x)))
         return x, ({"self": self_weights, "cross": cross_weights} if need_weights else None)
@@ -123,13 +98,13 @@ class DecoderLayer(EncoderLayer):
 
 class _Stack(Module):
     def __init__(self, layer_class, num_layers, d_model, n_heads, d_ff, dropout=0.0, activation="relu",
-                 generator=None, device=None, dtype=backend.float32):
+                 generator=None, device=None, dtype=backend.float32, positional=None):
         super().__init__()
         if num_layers <= 0:
             raise ValueError(f"num_layers must be positive, got {num_layers}")
         generator = generator or default_generator()
-        self.layers = ModuleList(layer_class(d_model, n_heads, d_ff, dropout, activation, generator, device, dtype)
-                                 for _ in range(num_layers))
+        self.layers = ModuleList(layer_class(d_model, n_heads, d_ff, dropout, activation, generator, device, dtype,
+                                             positional) for _ in range(num_layers))
         self.norm = LayerNorm(d_model, device=device, dtype=dtype)
 
 
@@ -147,11 +122,11 @@ class Encoder(_Stack):
         """An empty key/value cache, one dict per layer, for step-by-step causal decoding."""
         return [{} for _ in self.layers]
 
-    def forward(self, x, mask=None, need_weights=False, causal=False, cache=None):
+    def forward(self, x, mask=None, need_weights=False, causal=False, cache=None, positions=None):
         all_weights = []
         for index, layer in enumerate(self.layers):
             x, weights = layer(x, mask=mask, need_weights=need_weights, causal=causal,
-                               cache=cache[index] if cache is not None else None)
+                               cache=cache[index] if cache is not None else None, positions=positions)
             all_weights.append(weights)
         return self.norm(x), (all_weights if need_weights else None)
 
@@ -166,10 +141,12 @@ class Decoder(_Stack):
         """An empty key/value cache, one entry per layer, for step-by-step decoding."""
         return [{"self": {}, "cross": {}} for _ in self.layers]
 
-    def forward(self, x, memory, self_mask=None, memory_mask=None, need_weights=False, cache=None):
+    def forward(self, x, memory, self_mask=None, memory_mask=None, need_weights=False, cache=None, positions=None,
+                memory_positions=None):
         all_weights = []
         for index, layer in enumerate(self.layers):
             x, weights = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask, need_weights=need_weights,
-                               cache=cache[index] if cache is not None else None)
+                               cache=cache[index] if cache is not None else None, positions=positions,
+                               memory_positions=memory_positions)
             all_weights.append(weights)
         return self.norm(x), (all_weights if need_weights else None)
