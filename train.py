@@ -51,6 +51,9 @@ def build_parser():
     model.add_argument("--layers", type=int, help="layers in each stack (default 2)")
     model.add_argument("--d-ff", type=int, help="hidden width of the feed-forward blocks (default 256)")
     model.add_argument("--dropout", type=float, help="dropout probability (default 0.0)")
+    model.add_argument("--bidirectional", action=argparse.BooleanOptionalAction,
+                       help="the RNN models' encoder reads the source both ways, as RNNsearch (default); "
+                       "--no-bidirectional: forward only, as checkpoints written before it")
     training = parser.add_argument_group("training")
     training.add_argument("--batch-size", type=int, help="sequences per step (default 64)")
     training.add_argument("--lr", type=float, help="peak learning rate of Adam (default 3e-3)")
@@ -98,7 +101,9 @@ def settings_from(args, saved=None, parser=None):
         fixed = {key: value for key, value in given.items() if key not in RUN_SETTINGS and value != getattr(config, key)}
         if fixed:
             key, value = next(iter(fixed.items()))
-            raise checkpoint.CheckpointError(path, f"was trained with {flag_name(key)} {getattr(config, key)}, not {value}; "
+            trained = flag_saying(key, getattr(config, key))
+            asked = flag_saying(key, value) if isinstance(value, bool) else value  # "--d-model 64, not 32"
+            raise checkpoint.CheckpointError(path, f"was trained with {trained}, not {asked}; "
                                              "model, data and optimizer settings come from the checkpoint")
         if "steps" in given and given["steps"] <= config.warmup:
             parser.error(f"--steps ({given['steps']}) must be more than the warmup of {path} ({config.warmup} steps, "
@@ -112,6 +117,13 @@ def settings_from(args, saved=None, parser=None):
         parser.error(str(error))
     check_memory(config, saved, given, args, parser)
     return config
+
+
+def flag_saying(setting, value):
+    """The flag that sets `setting` to `value`: '--d-model 64'; a switch alone: '--bidirectional', '--no-bidirectional'."""
+    if isinstance(value, bool):
+        return flag_name(setting) if value else "--no-" + flag_name(setting)[2:]
+    return f"{flag_name(setting)} {value}"
 
 
 def check_memory(config, saved, given, args, parser):

@@ -23,7 +23,7 @@ def build_model(config, vocab_size, device=None):
         # BOS source SEP target (EOS is only ever a label): 2 * max_len + 2 positions
         return DecoderOnlyTransformer(vocab_size, num_layers=config.layers, max_len=2 * config.max_len + 2, **common)
     if config.model in ("rnn", "rnn-attention"):
-        # --d-model is the GRU's hidden size (and the embedding size); --heads, --layers and --d-ff do not apply
+        # --d-model is each GRU's hidden size (and the embedding size); --heads, --layers and --d-ff do not apply
         return RNNSeq2Seq(vocab_size, hidden_size=config.d_model, attention=config.model == "rnn-attention",
-                          seed=config.seed, device=device)
+                          bidirectional=config.bidirectional, seed=config.seed, device=device)
     raise ValueError(f"unknown model {config.model!r}; expected one of {', '.join(MODELS)}")

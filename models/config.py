@@ -50,6 +50,7 @@ class Config:
     layers: int = 2
     d_ff: int = 256
     dropout: float = 0.0
+    bidirectional: bool = True  # the RNN models' encoder; the others have none
     # training
     batch_size: int = 64
     lr: float = 3e-3
@@ -78,7 +79,7 @@ class Config:
         unknown = sorted(set(values) - set(SETTINGS))
         if unknown:
             raise ConfigError(f"unknown setting {name(unknown[0])}")
-        config = cls(**values)
+        config = cls(**{**SAVED_BEFORE_ADDED, **values})
         config.check(name)
         return config
 
@@ -136,6 +137,9 @@ def _plain_type(annotation):
 
 
 SETTINGS = {field.name: _plain_type(field.type) for field in dataclasses.fields(Config)}
+# Settings added after checkpoints were first written, and what a saved config without them
+# meant: the RNN models' encoder read one way until it became bidirectional.
+SAVED_BEFORE_ADDED = {"bidirectional": False}
 # What a resumed run may change; everything else (model, data, optimizer) comes from the checkpoint.
 RUN_SETTINGS = ("steps", "eval_every", "eval_size", "target_accuracy", "device", "threads", "kernels", "out", "log",
                 "stop_at", "by_length")
