@@ -2,11 +2,12 @@
 
 Trains three encoder-decoders with about the same number of parameters and the same
 budget of steps on copy and on reversal of sequences of length 1..32:
-    rnn             GRU encoder-decoder; the decoder sees only the encoder's last state
-    rnn-attention   the same with additive attention over all encoder states
+    rnn             bidirectional GRU encoder, GRU decoder that sees only both directions' final states
+    rnn-attention   the same with additive attention over all encoder states (RNNsearch)
     transformer     the default model of train.py
 then decodes a held-out set and reports exact-match and token accuracy by source length.
-Writes results.json, results.md (tables) and accuracy_by_length.svg (a line chart).
+Writes results.json (with the command, the commit and the machine), results.md (tables)
+and accuracy_by_length.svg (a line chart).
 
     python experiments/bottleneck.py            # the full run, about 10 minutes on 2 cores
     python experiments/bottleneck.py --quick    # a tiny end-to-end run, seconds
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's models/ and tinyattn/
 
+from benchmarks.common import machine_info  # noqa: E402
 from models import Config, build_model  # noqa: E402
 from models.training import Run  # noqa: E402
 from tinyattn.cpu import tune_allocator  # noqa: E402
@@ -32,18 +34,18 @@ FULL = dict(steps=1200, max_len=32, eval_size=1024, bucket=4, width_search=range
 QUICK = dict(steps=40, max_len=6, eval_size=64, bucket=2, width_search=range(8, 65, 2), transformer_width=16)
 
 
-def base_config(settings, task, seed):
+def base_config(settings, task, seed, bidirectional):
     config = Config(task=task, max_len=settings["max_len"], steps=settings["steps"], seed=seed,
                   warmup=min(100, settings["steps"] // 4), d_model=settings["transformer_width"],
-                  d_ff=4 * settings["transformer_width"], eval_size=settings["eval_size"])
+                  d_ff=4 * settings["transformer_width"], eval_size=settings["eval_size"], bidirectional=bidirectional)
     return config
 
 
-def matched_configs(settings, task, seed):
+def matched_configs(settings, task, seed, bidirectional=True):
     """One config per model; the RNNs' hidden sizes chosen so their parameter counts come
     closest to the transformer's."""
     vocab_size = SequenceTask(task, max_len=settings["max_len"]).vocab_size
-    transformer = base_config(settings, task, seed).replace(model="transformer")
+    transformer = base_config(settings, task, seed, bidirectional).replace(model="transformer")
     target = build_model(transformer, vocab_size).num_parameters()
     configs = {}
     for name in ("rnn", "rnn-attention"):
@@ -60,8 +62,9 @@ def train_and_evaluate(config, label):
         loss, *_ = run.train_step()
     train_seconds = time.perf_counter() - start
     result = run.evaluate(run.eval_set())
+    encoder = {"bidirectional": config.bidirectional} if config.model in ("rnn", "rnn-attention") else {}
     return {"model": config.model, "task": config.task, "parameters": run.model.num_parameters(),
-            "hidden_or_d_model": config.d_model, "steps": run.step, "final_loss": loss,
+            "hidden_or_d_model": config.d_model, **encoder, "steps": run.step, "final_loss": loss,
             "train_seconds": round(train_seconds, 1), "exact_match": result["exact_match"],
             "token_accuracy": result["token_accuracy"], "by_length": result["by_length"]}
 
@@ -111,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="training steps per model (default 1200)")
     parser.add_argument("--tasks", default="copy,reverse", help="comma-separated tasks (default copy,reverse)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data and held-out set (default 0)")
+    parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True,
+                        help="the RNNs' encoder reads both ways (default); --no-bidirectional: forward only, as before")
     parser.add_argument("--out", default=os.path.join("experiments", "results", "bottleneck"), help="output folder")
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
@@ -122,17 +127,20 @@ def main(argv=None):
     unknown = [task for task in tasks if task not in ("copy", "reverse", "sort")]
     if unknown or not tasks:
         parser.error(f"--tasks takes copy, reverse or sort, got {args.tasks!r}")
-    tune_allocator()
+    machine = machine_info(tune_allocator())
     os.makedirs(args.out, exist_ok=True)
     results, start = [], time.perf_counter()
     for task in tasks:
-        for name, config in matched_configs(settings, task, args.seed).items():
+        for name, config in matched_configs(settings, task, args.seed, args.bidirectional).items():
             result = train_and_evaluate(config, f"{task} {name}")
             print(f"{task:8s} {name:14s} {result['parameters']:>9,} params  exact-match {result['exact_match']:6.1%}  "
                   f"token accuracy {result['token_accuracy']:6.1%}  {result['train_seconds']:.0f} s", flush=True)
             results.append(result)
-    summary = {"settings": {key: (list(value) if isinstance(value, range) else value) for key, value in settings.items()},
-               "tasks": tasks, "seed": args.seed, "total_seconds": round(time.perf_counter() - start, 1), "results": results}
+    command = " ".join(["python experiments/bottleneck.py", *(sys.argv[1:] if argv is None else argv)])
+    summary = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine,
+               "settings": {key: (list(value) if isinstance(value, range) else value) for key, value in settings.items()},
+               "tasks": tasks, "seed": args.seed, "bidirectional": args.bidirectional,
+               "total_seconds": round(time.perf_counter() - start, 1), "results": results}
     with open(os.path.join(args.out, "results.json"), "w") as file:
         json.dump(summary, file, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as file:

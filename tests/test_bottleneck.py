@@ -5,7 +5,11 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 
+from models import RNNSeq2Seq
+from tinyattn.tasks import SequenceTask
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = SequenceTask("copy", max_len=6).vocab_size  # the quick mode's tasks
 
 
 def test_quick_experiment_writes_results_table_and_chart(tmp_path):
@@ -14,9 +18,15 @@ def test_quick_experiment_writes_results_table_and_chart(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["tasks"] == ["copy", "reverse"] and len(summary["results"]) == 6
+    assert summary["command"] == f"python experiments/bottleneck.py --quick --out {tmp_path}"
+    assert summary["machine"]["git"]["commit"] and summary["machine"]["cpu_count"] == os.cpu_count()
     counts = {}
     for run in summary["results"]:
         assert {"model", "task", "parameters", "steps", "exact_match", "token_accuracy", "by_length"} <= set(run)
+        if run["model"] != "transformer":  # the new encoder, both directions, in both RNNs
+            model = RNNSeq2Seq(VOCAB, hidden_size=run["hidden_or_d_model"], attention=run["model"] == "rnn-attention")
+            assert run["bidirectional"] is True and model.encoder_reverse is not None
+            assert run["parameters"] == model.num_parameters()
         assert run["steps"] == summary["settings"]["steps"]
         assert sorted(int(n) for n in run["by_length"]) == list(range(1, summary["settings"]["max_len"] + 1))
         assert 0.0 <= run["exact_match"] <= 1.0 and 0.0 <= run["token_accuracy"] <= 1.0
