@@ -20,7 +20,7 @@ try:  # Ctrl-C while NumPy and tinyattn load (a fifth of a second): one line, as
     from models.training import BEST_NAME, CHECKPOINT_NAME, Run, load_state, train
     from tinyattn import checkpoint, kernels
     from tinyattn.cpu import tune_allocator
-    from tinyattn.tasks import FIRST_SYMBOL, TASKS
+    from tinyattn.tasks import FIRST_SYMBOL, TASKS, SequenceTask, lookup_vocab
 except KeyboardInterrupt:
     print("train.py: interrupted while starting; nothing was written", file=sys.stderr)
     sys.exit(INTERRUPTED_EXIT)
@@ -39,10 +39,12 @@ def build_parser():
     parser = OneLineParser(prog="train.py", description=__doc__.splitlines()[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
     task = parser.add_argument_group("task")
-    task.add_argument("--task", choices=sorted(TASKS), help="copy, reverse or sort random sequences (default reverse)")
-    task.add_argument("--vocab", type=int, help="number of symbols (default 10)")
+    task.add_argument("--task", choices=sorted(TASKS), help="copy, reverse or sort random sequences, or lookup: the value "
+                      "stored under a query key in key-value pairs (default reverse)")
+    task.add_argument("--vocab", type=int, help="number of symbols (default 10; for lookup, keys and values are its two "
+                      "halves, and the default is enough distinct keys for --max-len: 14 at 16)")
     task.add_argument("--min-len", type=int, help="shortest source sequence (default 1)")
-    task.add_argument("--max-len", type=int, help="longest source sequence (default 16)")
+    task.add_argument("--max-len", type=int, help="longest source sequence (default 16; a lookup source is 2 x pairs + 1 long)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=MODELS, help="encoder-decoder 'transformer' (default), decoder-only 'gpt', "
                        "or a GRU encoder-decoder without ('rnn') or with ('rnn-attention') additive attention")
@@ -76,6 +78,8 @@ def build_parser():
     files.add_argument("--out", help=f"folder for {CHECKPOINT_NAME}, the latest, and {BEST_NAME}, the best held-out exact-match "
                        "once a run goes wrong after it (default runs; with --resume, the folder of the checkpoint resumed)")
     files.add_argument("--log", help="append one JSON line per evaluation to this file")
+    files.add_argument("--watch", metavar="FILE.svg", help="at every evaluation, add the attention map of one held-out "
+                       "sequence to this filmstrip (rewritten each time; FILE.html beside it has a step slider)")
     files.add_argument("--resume", metavar="PATH", help="continue training from this checkpoint")
     inspect = parser.add_argument_group("inspect a trained model (no training)")
     inspect.add_argument("--checkpoint", metavar="PATH", help="the checkpoint to evaluate or decode with")
@@ -108,8 +112,11 @@ def settings_from(args, saved=None, parser=None):
         if "steps" in given and given["steps"] <= config.warmup:
             parser.error(f"--steps ({given['steps']}) must be more than the warmup of {path} ({config.warmup} steps, "
                          f"fixed once trained): give --steps above {config.warmup}")
-    elif "warmup" not in given:
-        given["warmup"] = default_warmup(given.get("steps", DEFAULTS.steps))
+    else:
+        if "warmup" not in given:
+            given["warmup"] = default_warmup(given.get("steps", DEFAULTS.steps))
+        if given.get("task") == "lookup" and "vocab" not in given:  # enough distinct keys for the longest sources
+            given["vocab"] = max(DEFAULTS.vocab, lookup_vocab(given.get("max_len", DEFAULTS.max_len)))
     config = config.replace(**given)
     try:
         config.check(flag_name)
@@ -152,7 +159,11 @@ def parse_symbols(text, config, parser):
         parser.error(f"--decode symbols must be integers in [0, {config.vocab}) (the checkpoint's --vocab); got {text!r}")
     if len(symbols) > config.max_len:
         parser.error(f"--decode got {len(symbols)} symbols; this model was trained on at most --max-len {config.max_len}")
-    return [s + FIRST_SYMBOL for s in symbols]
+    source = [s + FIRST_SYMBOL for s in symbols]
+    problem = SequenceTask(config.task, config.vocab, config.min_len, config.max_len).source_problem(source)
+    if problem:  # a lookup source of the wrong shape
+        parser.error(f"--decode {text!r}: {problem}")
+    return source
 
 
 def inspect(args, parser):
@@ -188,7 +199,7 @@ def main(argv=None):
     except ta.DeviceError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    except (checkpoint.CheckpointError, LockError, OSError) as error:  # unreadable checkpoints, busy or unwritable --out or --log
+    except (checkpoint.CheckpointError, LockError, OSError) as error:  # unreadable checkpoints, busy or unwritable --out, --log or --watch
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     except MemoryError:  # past models/memory.py's estimate, or on a GPU, whose memory it does not check

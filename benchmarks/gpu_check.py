@@ -150,11 +150,12 @@ def parity(config, steps, device="cuda"):
 def train_result(output):
     """Exact-match, whether it reached the target, steps and train.py's own wall time, from
     the lines it prints after training."""
-    held_out = re.search(r"exact-match ([\d.]+)%.*\((reached|did not reach) the target", output)
+    held_out = re.search(r"^held-out .*exact-match ([\d.]+)%", output, re.MULTILINE)
+    target = re.search(r"^(reached|did not reach) the target", output, re.MULTILINE)
     steps = re.search(r"^steps (\d+), wall time ([\d.]+) s", output, re.MULTILINE)
-    if not (held_out and steps):
+    if not (held_out and target and steps):
         return None
-    return {"exact_match": float(held_out.group(1)) / 100, "reached_target": held_out.group(2) == "reached",
+    return {"exact_match": float(held_out.group(1)) / 100, "reached_target": target.group(1) == "reached",
             "steps": int(steps.group(1)), "train_wall_s": float(steps.group(2))}
 
 

@@ -10,7 +10,7 @@ import math
 import typing
 
 from tinyattn import kernels
-from tinyattn.tasks import TASKS
+from tinyattn.tasks import TASKS, lookup_problem
 
 MODELS = ("transformer", "gpt", "rnn", "rnn-attention")
 ATTENTION_HEADS_USED = ("transformer", "gpt")  # the RNN models have one GRU layer each way and no heads
@@ -67,6 +67,7 @@ class Config:
     kernels: str = kernels.DEFAULT
     out: str = "runs"
     log: typing.Optional[str] = None
+    watch: typing.Optional[str] = None
     stop_at: typing.Optional[int] = None
     by_length: bool = False
 
@@ -106,6 +107,9 @@ class Config:
             require(getattr(self, setting) > 0, setting, f"must be positive, got {getattr(self, setting)}")
         require(self.vocab >= 2, "vocab", f"must be at least 2, got {self.vocab}")
         require(self.min_len <= self.max_len, "min_len", f"({self.min_len}) must not exceed {name('max_len')} ({self.max_len})")
+        lookup = lookup_problem(self.vocab, self.min_len, self.max_len, name) if self.task == "lookup" else None
+        if lookup:
+            require(False, *lookup)
         require(self.model not in ATTENTION_HEADS_USED or self.d_model % self.heads == 0, "heads",
                 f"({self.heads}) must divide {name('d_model')} ({self.d_model})")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
@@ -118,6 +122,8 @@ class Config:
         require(self.threads is None or self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
         require(self.threads is None or self.threads <= self.batch_size, "threads",
                 f"({self.threads}) must not exceed {name('batch_size')} ({self.batch_size}): each thread takes a part of the batch")
+        require(self.watch is None or self.model != "rnn", "watch",
+                "draws attention maps, and the rnn model has none: its decoder sees only the encoder's last state")
         require(self.stop_at is None or 0 < self.stop_at <= self.steps, "stop_at",
                 f"must be between 1 and {name('steps')} ({self.steps}), got {self.stop_at}")
 
@@ -141,5 +147,5 @@ SETTINGS = {field.name: _plain_type(field.type) for field in dataclasses.fields(
 # meant: the RNN models' encoder read one way until it became bidirectional.
 SAVED_BEFORE_ADDED = {"bidirectional": False}
 # What a resumed run may change; everything else (model, data, optimizer) comes from the checkpoint.
-RUN_SETTINGS = ("steps", "eval_every", "eval_size", "target_accuracy", "device", "threads", "kernels", "out", "log",
+RUN_SETTINGS = ("steps", "eval_every", "eval_size", "target_accuracy", "device", "threads", "kernels", "out", "log", "watch",
                 "stop_at", "by_length")

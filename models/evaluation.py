@@ -1,4 +1,5 @@
 """What a trained model does on held-out data: exact-match, token accuracy, by length, samples, and one decode drawn."""
+from tinyattn import backend
 from tinyattn.tasks import EOS, describe
 from tinyattn.viz import attention_svg, heatmap_text
 
@@ -53,18 +54,29 @@ def show_evaluation(run, label):
         show_by_length(result)
 
 
+def attention_of(run, source):
+    """Greedy-decode one source (token ids) in eval mode: the ids it produces, and its
+    attention on the source as a host array (layers, heads, outputs, inputs), or None for
+    a model without attention."""
+    batch = run.task.make_batch([source], device=run.config.device)
+    training = run.model.training
+    run.model.eval()
+    try:
+        (predicted,), all_maps = run.greedy_decode(batch.source, run.config.max_len + 1, need_weights=True)
+    finally:
+        run.model.train(training)
+    return predicted, None if all_maps is None else backend.to_host(all_maps[0])
+
+
 def show_decode(run, source, svg_path):
     """Decode one source (token ids), print it against the task's answer, and draw its attention maps."""
-    batch = run.task.make_batch([source], device=run.config.device)
-    run.model.eval()
-    (predicted,), all_maps = run.greedy_decode(batch.source, run.config.max_len + 1, need_weights=True)
+    predicted, maps = attention_of(run, source)
     expected = run.task.target_for(source) + [EOS]
     print(f"{describe(source)} -> {describe([t for t in predicted if t != EOS])}  "
           f"{'✓' if predicted == expected else '✗ expected ' + describe(expected[:-1])} ({run.config.task})")
-    if all_maps is None:
+    if maps is None:
         print("(this model has no attention to draw: its decoder sees only the encoder's last state)")
         return
-    (maps,) = all_maps
     rows, columns = [describe([t]) for t in predicted], [describe([t]) for t in source]
     kind = ATTENTION_KINDS[run.config.model]
     for layer, heads in enumerate(maps):

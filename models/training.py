@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 
 from tqdm import tqdm
@@ -30,6 +31,7 @@ from .config import Config, ConfigError
 from .evaluation import evaluate, show_by_length, show_samples
 from .lock import Lock
 from .memory import parameter_count, size_text
+from .watch import Filmstrip
 
 CHECKPOINT_NAME = "checkpoint.npz"
 BEST_NAME = "best.npz"  # the checkpoint of the best held-out exact-match, once a run goes wrong after it
@@ -39,6 +41,9 @@ BEST_COLLAPSE = 0.5
 EXPLODED = 10  # a loss this many times its best so far (and above chance) is flagged, once
 LOG_SPACE = 2**20  # bytes free that --log needs to be worth starting: a line per evaluation
 PROGRESS_EVERY = 10  # steps between updates of the progress bar's figures
+TERMINAL_WIDTH = 80  # what the config lines wrap to, and what the progress bar fits when its bar is 10 wide (no tty)
+# tqdm's default without its rate (tokens per second, in the postfix, says more), so the line fits 80 columns
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 INTERRUPTED_EXIT = 130  # 128 + SIGINT's number, as shells report it; SIGTERM ends with 143, SIGHUP with 129
 # Signals that finish the step, save and exit as Ctrl-C does (SIGHUP: the terminal closed; SIGTERM: kill, a job queue)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -75,6 +80,13 @@ def sharded_backward_for(config, dropout_generator=None):
     """The ShardedBackward a run with this config takes its steps with."""
     shards = shards_for(config)
     return ShardedBackward(shards, dropout_generator=dropout_generator, blas_threads=blas_threads_for(config, shards))
+
+
+def config_lines(config, width=TERMINAL_WIDTH):
+    """The run's settings as `key=value` pairs, wrapped to fit an 80-column terminal."""
+    pairs = " ".join(f"{key}={value}" for key, value in config.to_dict().items())
+    return textwrap.wrap(pairs, width, initial_indent="config: ", subsequent_indent=" " * len("config: "),
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def threads_per_step(sharded):
@@ -356,23 +368,27 @@ def check_outputs(config):
     free = _free_space(config.out)
     if free is not None and free < need:
         raise OSError(f"{what}: its disk has {size_text(free)} free, and a checkpoint of this run takes about {size_text(need)}")
-    if not config.log:
-        return
-    what = f"--log {config.log}"
-    if os.path.isdir(config.log):
+    for flag, path in (("--log", config.log), ("--watch", config.watch)):
+        if path:
+            _check_output_file(path, f"{flag} {path}")
+
+
+def _check_output_file(path, what):
+    """Refuse an output file that is a folder, cannot be written, or lies on a full disk."""
+    if os.path.isdir(path):
         raise OSError(f"{what} is a folder, not a file")
-    folder = os.path.dirname(config.log) or "."
+    folder = os.path.dirname(path) or "."
     _make_folder(folder, f"the folder of {what}")
-    existed = os.path.exists(config.log)
+    existed = os.path.exists(path)
     try:
-        with open(config.log, "a"):
+        with open(path, "a"):
             pass
     except OSError as error:
         raise OSError(f"cannot write {what}: {error.strerror or error}") from None
     if not existed:
-        os.unlink(config.log)
+        os.unlink(path)
     free = _free_space(folder)
-    if (not existed or os.path.isfile(config.log)) and free is not None and free < LOG_SPACE:  # not /dev/null and the like
+    if (not existed or os.path.isfile(path)) and free is not None and free < LOG_SPACE:  # not /dev/null and the like
         raise OSError(f"{what}: its disk is full ({size_text(free)} free)")
 
 
@@ -408,17 +424,18 @@ def train(config, resume=None, resume_path=None):
             raise ConfigError(f"--stop-at ({config.stop_at}) must be after the step of --resume {resume_path} ({run.step})")
     check_outputs(config)
     eval_batches = run.eval_set()
+    filmstrip = Filmstrip(config.watch, run, eval_batches, resumed=resume is not None) if config.watch else None
     path, best_path = os.path.join(config.out, CHECKPOINT_NAME), os.path.join(config.out, BEST_NAME)
     if resume is not None:
         run.best = carried_best(run, config, path, resume_path, resume["config"])
     latest_is_best = run.best is not None and run.best["step"] == run.step  # then `path` holds the best: keep it
     outputs = claim_outputs(config, path, resume_path if resume is not None else None, run.step)
-    log = progress = log_failure = None
+    log = progress = output_failure = None
     interrupted, previous_handlers = [], {}
     try:
-        print("config: " + json.dumps(config.to_dict()), flush=True)
-        print(f"model: {config.model}, {run.model.num_parameters():,} parameters; device {ta.get_default_device()}; "
-              f"{threads_per_step(run.sharded)}; {config.kernels} kernels", flush=True)
+        print("\n".join(config_lines(config)), flush=True)
+        print(f"model: {config.model}, {run.model.num_parameters():,} parameters; {ta.get_default_device()}, "
+              f"{threads_per_step(run.sharded)}, {config.kernels} kernels", flush=True)
         log = open_log(config.log, append=resume is not None) if config.log else None
         for number in STOP_SIGNALS:
             if signal.getsignal(number) is not signal.SIG_IGN:  # under nohup SIGHUP stays ignored
@@ -426,7 +443,7 @@ def train(config, resume=None, resume_path=None):
         start = time.perf_counter()
         saved_step, result = None, None
         best_loss, chance_loss, flagged = math.inf, math.log(run.task.vocab_size), False
-        progress = tqdm(total=config.steps, initial=run.step, unit="step", dynamic_ncols=True)
+        progress = tqdm(total=config.steps, initial=run.step, unit="step", dynamic_ncols=True, bar_format=BAR_FORMAT)
         window_start, window_tokens = time.perf_counter(), 0
         while run.step < config.steps:
             shows_progress = (run.step + 1) % PROGRESS_EVERY == 0 or run.step + 1 == config.steps
@@ -443,8 +460,8 @@ def train(config, resume=None, resume_path=None):
                                f"({best_loss:.4g}): training is diverging; a lower --lr (now {config.lr:g}) or --grad-clip may help")
             if shows_progress:
                 now = time.perf_counter()
-                progress.set_postfix(loss=f"{loss_value:.4f}", acc=f"{accuracy:.3f}", lr=f"{run.optimizer.lr:.2e}",
-                                     tok_s=f"{window_tokens / (now - window_start):,.0f}")
+                progress.set_postfix_str(f"loss {loss_value:.4f} acc {accuracy:.3f} "
+                                         f"{window_tokens / (now - window_start) / 1000:.1f}k tok/s")
                 window_start, window_tokens = now, 0
             elapsed = run.elapsed_before + time.perf_counter() - start
             due = run.step % config.eval_every == 0 or run.step == config.steps
@@ -459,7 +476,12 @@ def train(config, resume=None, resume_path=None):
                         log.write(json.dumps(line) + "\n")
                         log.flush()
                     except OSError as error:  # a full disk, say: reported once this step's checkpoint is saved
-                        log_failure = error
+                        output_failure = output_failure or (f"--log {config.log}", error)
+                if filmstrip:
+                    try:
+                        filmstrip.add(run.step, result["exact_match"])
+                    except OSError as error:
+                        output_failure = output_failure or (f"--watch {config.watch}", error)
             stop = interrupted or run.step == config.stop_at or (due and result["exact_match"] >= config.target_accuracy)
             if due or stop:
                 if not parameters_finite(run.model):  # never save a diverged model over the last good one
@@ -478,9 +500,9 @@ def train(config, resume=None, resume_path=None):
                     last = f"the last checkpoint saved is step {saved_step}" if saved_step else "no checkpoint was saved"
                     raise OSError(f"cannot save {path}: {error.strerror or error}; {last}") from None
                 saved_step, latest_is_best = run.step, improved
-                if log_failure is not None:
-                    raise OSError(f"cannot write --log {config.log}: {log_failure.strerror or log_failure}; "
-                                  f"step {run.step} is saved in {path}") from None
+                if output_failure is not None:
+                    what, error = output_failure
+                    raise OSError(f"cannot write {what}: {error.strerror or error}; step {run.step} is saved in {path}") from None
             if interrupted:
                 progress.close()
                 number = interrupted[0]
@@ -512,7 +534,8 @@ def train(config, resume=None, resume_path=None):
             return INTERRUPTED_EXIT
     reached = "reached" if result["exact_match"] >= config.target_accuracy else "did not reach"
     print(f"held-out ({result['sequences']} sequences): exact-match {result['exact_match']:.1%}, "
-          f"token accuracy {result['token_accuracy']:.1%} ({reached} the target {config.target_accuracy:.0%})")
+          f"token accuracy {result['token_accuracy']:.1%}")
+    print(f"{reached} the target {config.target_accuracy:.0%} (--target-accuracy)")
     print(f"steps {run.step}, wall time {elapsed:.1f} s, checkpoint {path}")
     print("samples (input -> output):")
     show_samples(result["samples"])

@@ -26,7 +26,7 @@ ANY_LINES = "..."
 # The one thing masked before outputs are compared: what changes from run to run by itself.
 VOLATILE = re.compile(r"""
       [\d.]+(?:step/s|s/step)        # tqdm's rate
-    | tok_s=[\d,]+                   # train.py's tokens per second
+    | [\d.]+k\ tok/s                 # train.py's tokens per second
     | \d+:\d\d\b                     # tqdm's elapsed and remaining time
     | \d+(?:\.\d+)?\ ?s\b            # a duration in seconds: 3.9s, 33.8 s
     | \b[a-z]\d{9,}\b                # an object's id, as to_dot names its nodes

@@ -57,12 +57,12 @@ def test_train_py_trains_saves_resumes_across_devices_and_decodes_on_cuda(cuda, 
     path = tmp_path / "run" / "checkpoint.npz"
     code, stdout, stderr = run_main([*flags, "--steps", "30", "--device", cuda, "--out", tmp_path / "run"])
     assert code == 0, stderr
-    assert "device cuda" in stdout and "steps 30," in stdout
+    assert "parameters; cuda, " in stdout and "steps 30," in stdout
     assert checkpoint.load(path)["step"] == 30
     for device, steps in (("cpu", 40), (cuda, 50)):  # a cuda checkpoint resumed on the cpu, and back
         code, stdout, stderr = run_main(["--resume", path, "--steps", str(steps), "--device", device])
         assert code == 0, stderr
-        assert f"device {device}" in stdout and f"steps {steps}," in stdout
+        assert f"parameters; {device}, " in stdout and f"steps {steps}," in stdout
         assert checkpoint.load(path)["step"] == steps
     svg = tmp_path / "attention.svg"
     code, stdout, stderr = run_main(["--checkpoint", path, "--device", cuda, "--decode", "1 2 3", "--svg", svg])

@@ -1,7 +1,7 @@
-"""The toy tasks: token layout, seeded streams, held-out separation, bad settings."""
+"""The toy tasks: token layout, seeded streams, held-out separation, bad settings, the lookup task."""
 import pytest
 
-from tinyattn.tasks import BOS, EOS, FIRST_SYMBOL, PAD, SequenceTask, describe, pad
+from tinyattn.tasks import BOS, EOS, FIRST_SYMBOL, PAD, SequenceTask, describe, lookup_vocab, pad
 
 pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
 
@@ -65,3 +65,48 @@ def test_bad_source_symbols_and_batch_size():
 def test_pad_and_describe(device):
     assert pad([[5], [6, 7]]).tolist() == [[5, PAD], [6, 7]] and pad([[5]]).device == device
     assert describe([BOS, 4, 13, EOS]) == "<bos> 0 9 <eos>"
+
+
+def test_lookup_sources_are_a_query_then_pairs_with_distinct_keys_and_the_target_is_its_value():
+    task = SequenceTask("lookup", vocab=14, min_len=1, max_len=16)
+    keys, values = set(range(FIRST_SYMBOL, FIRST_SYMBOL + 7)), set(range(FIRST_SYMBOL + 7, FIRST_SYMBOL + 14))
+    batch = next(task.batches(256, seed=3))
+    seen_pairs = set()
+    for source, target in zip(batch.sources, batch.targets):
+        query, *pairs = source
+        stored = dict(zip(pairs[::2], pairs[1::2]))
+        assert len(source) % 2 == 1 and 3 <= len(source) <= 15
+        assert set(stored) <= keys and set(stored.values()) <= values  # keys and values from disjoint halves
+        assert len(stored) == len(pairs) // 2 and len(set(stored.values())) == len(stored)  # distinct keys, distinct values
+        assert query in stored and target == [stored[query]] == task.target_for(source)
+        seen_pairs.add(len(stored))
+    assert seen_pairs == set(range(1, 8))  # the number of pairs varies over the whole range
+
+
+def test_lookup_lengths_follow_min_len_and_max_len():
+    task = SequenceTask("lookup", vocab=20, min_len=6, max_len=9)
+    assert {len(row) for row in next(task.batches(200, seed=0)).sources} == {7, 9}
+    assert lookup_vocab(16) == 14 and lookup_vocab(3) == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(max_len=2), "max_len must be at least 3 for the lookup task"),
+    (dict(min_len=4, max_len=4), r"min_len \(4\) leaves no lookup source length up to max_len \(4\)"),
+    (dict(vocab=10, max_len=16), "vocab must be at least 14 for the lookup task with max_len 16: up to 7 distinct keys"),
+])
+def test_lookup_settings_that_cannot_draw_sources_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        SequenceTask("lookup", **{"vocab": 14, **options})
+
+
+@pytest.mark.parametrize("source, message", [
+    ([4, 4, 11, 5], r"an odd length of at least 3\), got length 4"),
+    ([4, 4, 5], r"keys \(symbols 0..6\) alternating with values \(symbols 7..13\)"),
+    ([4, 4, 11, 4, 12], "keys must be distinct"),
+    ([6, 4, 11, 5, 12], r"query \(its first symbol, 2\) must be one of its keys"),
+])
+def test_a_malformed_lookup_source_is_refused_with_what_is_wrong(source, message):
+    task = SequenceTask("lookup", vocab=14)
+    with pytest.raises(ValueError, match=message):
+        task.make_batch([source])
+    assert task.make_batch([[5, 4, 11, 5, 12]]).labels.tolist() == [[12, EOS]]

@@ -55,7 +55,7 @@ def error_line(err):
     return lines[0]
 
 
-BAR = re.compile(r"\s*\d+(%\||step \[)")  # a bar tqdm leaves where training stopped (with no total left: "30step [...]")
+BAR = re.compile(r"\s*(\d+%)?\|.*\| \d+/\S+ \[")  # a bar tqdm leaves where training stopped ("|  | 30/? [" with no total)
 
 
 def error_after_bar(err):
@@ -89,7 +89,7 @@ def test_learns_copy_to_full_held_out_exact_match(trained):
     sequences, exact = HELD_OUT.search(stdout).groups()
     assert int(sequences) == 64
     assert float(exact) == 100.0
-    assert "(reached the target 100%)" in stdout
+    assert "\nreached the target 100% (--target-accuracy)\n" in stdout
     summary = re.search(r"^steps (\d+), wall time ([0-9.]+) s, checkpoint (.+)$", stdout, re.M)
     assert summary, stdout
     steps = int(summary.group(1))
@@ -284,7 +284,20 @@ BAD_FLAGS = [
     (["--steps", "ten"], "--steps"),
     (["--threads", "0"], "--threads must be at least 1, got 0"),
     (["--threads", "65"], "--threads (65) must not exceed --batch-size (64)"),
+    (["--task", "lookup", "--vocab", "10"], "--vocab must be at least 14 for the lookup task with --max-len 16"),
+    (["--task", "lookup", "--max-len", "2"], "--max-len must be at least 3 for the lookup task"),
+    (["--task", "lookup", "--min-len", "6", "--max-len", "6"], "--min-len (6) leaves no lookup source length up to --max-len (6)"),
 ]
+
+
+def test_the_lookup_task_defaults_to_enough_keys_for_its_longest_sources(tmp_path):
+    code, stdout, stderr = run_main(["--task", "lookup", "--max-len", "9", "--steps", "2", "--warmup", "0", "--eval-every", "2",
+                                     "--eval-size", "8", "--out", tmp_path])
+    assert code == 0, stderr
+    assert " vocab=10 " in stdout  # the default 10 covers 4 keys; 16 would need 14
+    code, stdout, stderr = run_main(["--task", "lookup", "--steps", "2", "--warmup", "0", "--eval-every", "2",
+                                     "--eval-size", "8", "--out", tmp_path / "b"])
+    assert code == 0 and " vocab=14 " in stdout, stderr
 
 
 @pytest.mark.parametrize("flags, named", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS])
@@ -633,6 +646,53 @@ def test_a_fresh_run_overwrites_its_log_and_a_resumed_one_appends(tmp_path):
     assert [entry["step"] for entry in read_log(log)] == [10]
     assert run_main(["--resume", tmp_path / "out" / CHECKPOINT_NAME, "--log", log])[0] == 0
     assert [entry["step"] for entry in read_log(log)] == [10, 20]
+
+
+def filmstrip_frames(path):
+    """The frames of a --watch SVG: (caption, number of layer panels), after checking it parses."""
+    root = ET.parse(path).getroot()
+    namespace = "{http://www.w3.org/2000/svg}"
+    captions = [text.text for text in root.iter(f"{namespace}text") if text.get("font-weight") == "bold"]
+    panels = root.findall(f"{namespace}g[@class='map']")
+    return captions, len(panels)
+
+
+def test_watch_adds_one_frame_per_evaluation_and_a_resumed_run_goes_on_with_them(tmp_path):
+    watch, out = tmp_path / "film" / "reverse.svg", tmp_path / "out"
+    flags = [*TINY, "--steps", "30", "--eval-every", "10", "--warmup", "5", "--out", out, "--watch", watch]
+    code, stdout, stderr = run_main([*flags, "--stop-at", "20"])
+    assert code == 0, stderr
+    captions, panels = filmstrip_frames(watch)
+    exact = [float(x) for x in re.findall(r"held-out exact-match ([0-9.]+)", stdout)]
+    assert captions == [f"step {step}, exact-match {value:.0%}" for step, value in zip((10, 20), exact)]
+    assert panels == 2  # one layer: a panel per frame
+    page = watch.with_suffix(".html").read_text()
+    assert 'type="range"' in page and "<script>" in page and "step 20, exact-match" in page
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing from the network
+    assert not [p for p in watch.parent.iterdir() if p.suffix == ".tmp"]
+    assert run_main(["--resume", out / CHECKPOINT_NAME])[0] == 0  # --watch is a run setting, saved in the checkpoint
+    assert [caption.split(",")[0] for caption in filmstrip_frames(watch)[0]] == ["step 10", "step 20", "step 30"]
+    assert run_main([*flags, "--steps", "10", "--out", tmp_path / "fresh"])[0] == 0  # a fresh run starts a new filmstrip
+    assert [caption.split(",")[0] for caption in filmstrip_frames(watch)[0]] == ["step 10"]
+
+
+def test_watch_is_refused_for_a_model_without_attention_and_for_a_folder(tmp_path):
+    code, _, stderr = run_main([*TINY, "--model", "rnn", "--watch", tmp_path / "a.svg", "--out", tmp_path / "out"])
+    assert code == 2 and "--watch draws attention maps, and the rnn model has none" in error_line(stderr)
+    code, _, stderr = run_main([*TINY, "--steps", "10", "--warmup", "5", "--watch", tmp_path, "--out", tmp_path / "out"])
+    assert code == 1 and error_line(stderr) == f"train.py: error: --watch {tmp_path} is a folder, not a file"
+
+
+def test_a_short_lookup_run_learns_to_match_the_query_beyond_guessing(tmp_path):
+    flags = ["--task", "lookup", "--vocab", "6", "--max-len", "7", "--model", "gpt", "--d-model", "32", "--heads", "2",
+             "--layers", "2", "--d-ff", "64", "--batch-size", "32", "--eval-size", "128", "--steps", "400",
+             "--eval-every", "400", "--warmup", "20", "--by-length", "--out", tmp_path]
+    code, stdout, stderr = run_main(flags)
+    assert code == 0, stderr
+    table = stdout.split("source length  sequences  exact-match  token accuracy\n")[1].splitlines()
+    exact = {int(line.split()[0]): float(line.split()[2].rstrip("%")) / 100 for line in table}
+    assert sorted(exact) == [3, 5, 7]  # 1 to 3 pairs
+    assert exact[5] > 0.5 + 0.15 and exact[7] > 1 / 3 + 0.15  # a guess among the values present gets 1/2 and 1/3
 
 
 def test_rnn_models_train_and_report_accuracy_by_length(tmp_path, capsys):

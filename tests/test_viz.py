@@ -9,12 +9,14 @@ import pytest
 
 import tinyattn as ta
 from tinyattn import nn
-from tinyattn.viz import attention_svg, heatmap_text, to_dot
+from tinyattn.viz import attention_svg, filmstrip_svg, heatmap_text, to_dot
 
 pytestmark = pytest.mark.usefixtures("device")  # every test runs on cpu and on cuda (tests/conftest.py)
 
 NODE = re.compile(r'^\s*(t|f)\d+ \[[^\]]*label="[^"]*"[^\]]*\];$')
 EDGE = re.compile(r"^\s*([tf]\d+) -> ([tf]\d+);$")
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 def parse_digraph(text):
@@ -70,12 +72,44 @@ def test_heatmap_shades_follow_the_weights():
     assert heatmap_text(on_device, ["a", "b"], ["x", "y"]) == text == heatmap_text(on_device.data, ["a", "b"], ["x", "y"])
 
 
+def test_heatmap_cells_are_as_wide_as_two_digit_labels():
+    text = heatmap_text(np.array([[0.0, 1.0, 0.0]]), ["7"], ["3", "12", "0"])
+    assert text.splitlines() == ["    3 12  0", "7    ███   "]  # the column of "12" is the shaded one
+
+
 def test_attention_svg_is_well_formed_with_one_rect_per_cell():
     maps = np.random.default_rng(0).random((2, 3, 4, 5))
     svg = attention_svg(ta.tensor(maps, device=ta.get_default_device()), ["a", "b", "<eos>", "d"], list("vwxyz"))
     assert svg == attention_svg(maps, ["a", "b", "<eos>", "d"], list("vwxyz"))  # a tensor on the device draws as its values
     root = ElementTree.fromstring(svg)
-    rects = root.findall("{http://www.w3.org/2000/svg}rect")
-    assert len(rects) == 2 * 3 * 4 * 5
+    panels = root.findall(f"{SVG}g[@class='map']")
+    assert len(panels) == 2 * 3 and all(len(panel.findall(f"{SVG}rect")) == 4 * 5 for panel in panels)
     assert "&lt;eos&gt;" in svg
-    assert float(rects[0].get("fill-opacity")) == pytest.approx(maps[0, 0, 0, 0], abs=1e-3)
+    assert float(panels[0].find(f"{SVG}rect").get("fill-opacity")) == pytest.approx(maps[0, 0, 0, 0], abs=1e-3)
+    assert_legible_on_a_dark_page(root)
+
+
+def assert_legible_on_a_dark_page(root):
+    """The picture paints its own white background first, its ink is dark, and an attention
+    picture has a colour scale from 0 to 1."""
+    background = root.find(f"{SVG}rect")
+    assert (background.get("width"), background.get("height"), background.get("fill")) == ("100%", "100%", "#ffffff")
+    assert root.get("fill") == "#222222"
+    scale = root.find(f"{SVG}g[@class='colour-scale']")
+    if scale is not None:
+        assert [text.text for text in scale.findall(f"{SVG}text")] == ["weight", "1", "0.5", "0"]
+
+
+def test_a_filmstrip_has_one_column_per_frame_and_a_panel_per_layer():
+    frames = [{"caption": f"step {step}, exact-match {accuracy:.0%}", "rows": rows,
+               "maps": np.random.default_rng(step).random((2, len(rows), 3)).tolist()}
+              for step, accuracy, rows in ((100, 0.1, ["a", "b"]), (200, 0.5, ["a", "b", "c", "<eos>"]))]
+    svg = filmstrip_svg(frames, ["x", "y", "z"], "cross-attention of one held-out sequence")
+    root = ElementTree.fromstring(svg)
+    panels = root.findall(f"{SVG}g[@class='map']")
+    assert [len(panel.findall(f"{SVG}rect")) for panel in panels] == [2 * 3, 2 * 3, 4 * 3, 4 * 3]
+    texts = [text.text for text in root.iter(f"{SVG}text")]
+    assert "step 100, exact-match 10%" in texts and "step 200, exact-match 50%" in texts and "&lt;eos&gt;" in svg
+    lefts = [float(panel.find(f"{SVG}rect").get("x")) for panel in panels]
+    assert lefts[0] == lefts[1] < lefts[2] == lefts[3]  # frames side by side, layers stacked
+    assert_legible_on_a_dark_page(root)

@@ -1,8 +1,10 @@
 """`python -m tinyattn`: a one-minute tour of the engine.
 
-It checks a gradient against finite differences, then fits a small two-layer network
-to y = sin(3x) with nothing but Tensor ops and plain gradient descent, showing the loss
-fall under a progress bar.
+It checks a gradient against finite differences; draws the attention map of three
+queries searching a library of four keys; writes the computation graph of one attention
+call as Graphviz DOT (--graph); then fits a small two-layer network to y = sin(3x) with
+nothing but Tensor ops and plain gradient descent, showing the loss fall under a
+progress bar.
 """
 import argparse
 import math
@@ -12,6 +14,8 @@ import time
 from tqdm import tqdm
 
 import tinyattn as ta
+from tinyattn import kernels
+from tinyattn.viz import heatmap_text, to_dot
 
 
 def parse_args(argv):
@@ -21,6 +25,7 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="backend (default: TINYATTN_DEVICE or cpu)")
+    parser.add_argument("--graph", default="tour-graph.dot", help="where the attention's graph goes (default tour-graph.dot)")
     args = parser.parse_args(argv)
     if args.steps <= 0 or args.hidden <= 0 or not args.lr > 0:
         parser.error("--steps, --hidden and --lr must be positive")
@@ -33,6 +38,31 @@ def show_gradient_check():
     b = ta.randn(4, 2, generator=rng, dtype=ta.float64, requires_grad=True)
     ta.gradcheck(lambda a, b: (a @ b).tanh().sum(axis=0), [a, b])
     print("gradcheck: d/da and d/db of sum(tanh(a @ b), axis=0) match central differences (float64)")
+
+
+BOOKS = ("autodiff", "attention", "GPUs", "RNNs")  # the library's keys: what each book is about
+
+
+def show_attention_map(graph_path):
+    """Three queries searched against the keys of a library of four books: each query's
+    weights, softmax(q k^T / sqrt(d)), go to the book whose key it resembles. Writes the
+    graph that computed them, gradients included, as DOT."""
+    rng = ta.Generator(1)
+    keys = ta.tensor([[2.0 if row == column else 0.0 for column in range(4)] for row in range(4)], dtype=ta.float64)  # a direction each
+    values = ta.randn(4, 4, generator=rng, dtype=ta.float64)  # what each book holds
+    asks_about = [1, 3, 0]  # the queries resemble the keys of attention, RNNs and autodiff, with noise
+    queries = (keys[asks_about] + ta.randn(3, 4, generator=rng, dtype=ta.float64) * 0.5).requires_grad_()
+    with kernels.use("composed"):  # the engine's own ops, so the graph shows softmax(q k^T / sqrt(d)) v step by step
+        fetched, weights = ta.functional.scaled_dot_product_attention(queries[None], keys[None], values[None],
+                                                                      return_weights=True)
+    print("attention of 3 queries over 4 books (rows: queries, columns: keys; darker is more weight):")
+    print(heatmap_text(weights[0], [f"q{i + 1}: {BOOKS[book]}?" for i, book in enumerate(asks_about)], list(BOOKS)))
+    picked = [BOOKS[int(i)] for i in weights[0].argmax(axis=-1).tolist()]
+    print(f"each query fetches most from: {', '.join(picked)}")
+    loss = fetched.sum()
+    with open(graph_path, "w") as file:
+        file.write(to_dot(loss, {queries: "queries"}))
+    print(f"wrote {graph_path}: the graph of that attention call (render it: dot -Tsvg {graph_path} > graph.svg)")
 
 
 def fit_sine(args):
@@ -69,6 +99,7 @@ def main(argv=None):
         if args.device is not None:
             ta.set_default_device(args.device)
         show_gradient_check()
+        show_attention_map(args.graph)
         fit_sine(args)
     except ta.DeviceError as error:  # also a bad TINYATTN_DEVICE, found at the first tensor
         print(f"error: {error}", file=sys.stderr)

@@ -1,10 +1,18 @@
-"""Toy sequence tasks: copy, reverse and sort random sequences of symbols.
+"""Toy sequence tasks: copy, reverse and sort random sequences of symbols, and look up a key.
 
 Token ids: PAD=0, BOS=1, EOS=2, SEP=3, and the task's symbols from 4 on, so a task with
 `vocab` symbols uses 4 + vocab ids. For every example:
     encoder input   source                 (padded with PAD)
     decoder input   BOS + target           (padded with PAD)
     decoder labels  target + EOS           (padded with PAD, which the loss ignores)
+
+`lookup` is associative recall, the library search of attention's story: the source is
+a query key followed by key-value pairs, `q k1 v1 k2 v2 ... kn vn`, and the target is
+the one value stored under q. Keys are the first half of the symbols and values the
+second; keys are distinct within a source and so are values (so that counting
+gives no hint: only matching the query finds the answer), and the number of pairs
+varies with the source's length (2n + 1, within min_len..max_len) as lengths do in the
+other tasks.
 
 Batches come from a seeded generator. The held-out evaluation set is drawn from a
 generator with a different seed, so training never sees it by construction of the
@@ -25,7 +33,19 @@ def _reverse(symbols):
     return symbols[::-1]
 
 
-TASKS = {"copy": list, "reverse": _reverse, "sort": sorted}
+def _look_up(source):
+    """The value stored under the query, the source's first symbol, in the key-value pairs after it."""
+    query, *pairs = source
+    return [value for key, value in zip(pairs[::2], pairs[1::2]) if key == query]
+
+
+TASKS = {"copy": list, "reverse": _reverse, "sort": sorted, "lookup": _look_up}
+
+
+def lookup_vocab(max_len):
+    """The fewest symbols `lookup` needs for sources up to max_len long: as many keys as the
+    most pairs that fit, (max_len - 1) // 2, and as many values."""
+    return 2 * max(1, (max_len - 1) // 2)
 
 
 @dataclass
@@ -57,8 +77,22 @@ class Batch:
                 for start, stop in zip(bounds, bounds[1:]) if stop > start]
 
 
+def lookup_problem(vocab, min_len, max_len, name=str):
+    """Why `lookup` cannot draw sources with these settings, as (setting, what is wrong with it),
+    or None; `name` spells a setting (train.py's flag_name gives '--max-len')."""
+    if max_len < 3:
+        return "max_len", f"must be at least 3 for the lookup task (one key-value pair and the query), got {max_len}"
+    if min_len // 2 > (max_len - 1) // 2:
+        return "min_len", (f"({min_len}) leaves no lookup source length up to {name('max_len')} ({max_len}): "
+                           "they are odd, 2 x pairs + 1")
+    if vocab < lookup_vocab(max_len):
+        return "vocab", (f"must be at least {lookup_vocab(max_len)} for the lookup task with {name('max_len')} {max_len}: "
+                         f"up to {(max_len - 1) // 2} distinct keys and as many values; got {vocab}")
+    return None
+
+
 class SequenceTask:
-    """A task (`copy`, `reverse` or `sort`) over `vocab` symbols with lengths in [min_len, max_len]."""
+    """A task (`copy`, `reverse`, `sort` or `lookup`) over `vocab` symbols with source lengths in [min_len, max_len]."""
 
     def __init__(self, name="reverse", vocab=10, min_len=1, max_len=16):
         if name not in TASKS:
@@ -69,8 +103,13 @@ class SequenceTask:
             raise ValueError(f"min_len must be at least 1, got {min_len}")
         if min_len > max_len:
             raise ValueError(f"min_len ({min_len}) must not exceed max_len ({max_len})")
+        problem = lookup_problem(vocab, min_len, max_len) if name == "lookup" else None
+        if problem:
+            raise ValueError(" ".join(problem))
         self.name, self.vocab, self.min_len, self.max_len = name, vocab, min_len, max_len
         self.transform = TASKS[name]
+        self.keys = range(FIRST_SYMBOL, FIRST_SYMBOL + vocab // 2)  # lookup's keys; its values are the symbols after them
+        self.pairs = range(max(1, min_len // 2), (max_len - 1) // 2 + 1)  # lookup's pairs per source: 2n + 1 in [min_len, max_len]
 
     @property
     def vocab_size(self):
@@ -81,17 +120,45 @@ class SequenceTask:
         return list(self.transform(list(source)))
 
     def sample_sources(self, rng, count):
+        if self.name == "lookup":
+            return [self._lookup_source(rng, int(n)) for n in rng.integers(self.pairs.start, self.pairs.stop, size=count)]
         lengths = rng.integers(self.min_len, self.max_len + 1, size=count)
         return [rng.integers(FIRST_SYMBOL, FIRST_SYMBOL + self.vocab, size=int(n)).tolist() for n in lengths]
+
+    def _lookup_source(self, rng, pairs):
+        keys = (rng.permutation(len(self.keys))[:pairs] + self.keys.start).tolist()
+        values = (rng.permutation(FIRST_SYMBOL + self.vocab - self.keys.stop)[:pairs] + self.keys.stop).tolist()
+        return [keys[int(rng.integers(pairs))]] + [symbol for pair in zip(keys, values) for symbol in pair]
+
+    def source_problem(self, row):
+        """Why `row` cannot be a source of this task, or None."""
+        if not row:
+            return "a source sequence must have at least one symbol"
+        bad = [s for s in row if not FIRST_SYMBOL <= s < FIRST_SYMBOL + self.vocab]
+        if bad:
+            return f"source symbol ids must lie in [{FIRST_SYMBOL}, {FIRST_SYMBOL + self.vocab}), got {bad[0]}"
+        if self.name != "lookup":
+            return None
+        query, *pairs = row
+        keys, values = pairs[::2], pairs[1::2]
+        first_value = self.keys.stop - FIRST_SYMBOL
+        if len(row) < 3 or len(row) % 2 == 0:
+            return f"a lookup source is a query key and key-value pairs (an odd length of at least 3), got length {len(row)}"
+        if any(key not in self.keys for key in keys + [query]) or any(value in self.keys for value in values):
+            return (f"a lookup source is a query key, then keys (symbols 0..{first_value - 1}) alternating with "
+                    f"values (symbols {first_value}..{self.vocab - 1})")
+        if len(set(keys)) < len(keys):
+            return "a lookup source's keys must be distinct"
+        if query not in keys:
+            return f"a lookup source's query (its first symbol, {query - FIRST_SYMBOL}) must be one of its keys"
+        return None
 
     def make_batch(self, sources, device=None):
         """Pad the given source rows and their targets into a Batch."""
         for row in sources:
-            if not row:
-                raise ValueError("a source sequence must have at least one symbol")
-            bad = [s for s in row if not FIRST_SYMBOL <= s < FIRST_SYMBOL + self.vocab]
-            if bad:
-                raise ValueError(f"source symbol ids must lie in [{FIRST_SYMBOL}, {FIRST_SYMBOL + self.vocab}), got {bad[0]}")
+            problem = self.source_problem(row)
+            if problem:
+                raise ValueError(problem)
         targets = [self.target_for(row) for row in sources]
         return Batch(source=pad(sources, device=device),
                      decoder_input=pad([[BOS] + t for t in targets], device=device),

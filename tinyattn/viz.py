@@ -1,4 +1,5 @@
-"""Pictures for study: the computation graph as Graphviz DOT, attention maps as text and SVG.
+"""Pictures for study: the computation graph as Graphviz DOT, attention maps as text and SVG,
+attention forming during training as an SVG filmstrip, accuracy charts.
 
 Nothing here needs a plotting library: DOT and SVG are text, and the terminal heatmap
 is made of block characters.
@@ -62,42 +63,112 @@ def _values(weights):
 
 
 def heatmap_text(weights, row_labels, column_labels):
-    """A (rows, columns) weight matrix as block characters, darker for more weight."""
+    """A (rows, columns) weight matrix as block characters, darker for more weight; each cell
+    as wide as the widest column label and a space (two characters for one-character labels)."""
     rows = _values(weights)
     width = max(len(label) for label in row_labels)
-    header = " " * (width + 1) + "".join(label[:2].rjust(2) for label in column_labels)
+    cell = 2 if all(len(label) < 2 for label in column_labels) else max(len(label) for label in column_labels) + 1
+    header = " " * (width + 1) + "".join(label.rjust(cell) for label in column_labels)
     lines = [header]
     for label, row in zip(row_labels, rows):
         top = max(row) or 1.0
-        cells = "".join(SHADES[min(int(value / top * (len(SHADES) - 1) + 0.5), len(SHADES) - 1)] * 2 for value in row)
+        cells = "".join(SHADES[min(int(value / top * (len(SHADES) - 1) + 0.5), len(SHADES) - 1)] * cell for value in row)
         lines.append(f"{label.rjust(width)} {cells}")
     return "\n".join(lines)
 
 
+# Every SVG gets a white background and dark ink: shown on a dark page (GitHub's dark mode
+# puts images on #0d1117) a transparent picture would lose its black text.
+BACKGROUND, INK, GRID, HEAT = "#ffffff", "#222222", "#dddddd", "#1f4e9c"
+CELL, LABEL_SPACE = 16, 44  # an attention cell's side; room for row labels left of a panel and column labels under it
+
+
+def _text_width(text, font_size=10):
+    """About how wide Helvetica sets `text`: room to leave so labels do not run into the next panel."""
+    return 0.6 * font_size * len(text)
+
+
+def _svg_open(width, height, font_size):
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+            f'font-family="Helvetica" font-size="{font_size}" fill="{INK}">',
+            f'<rect width="100%" height="100%" fill="{BACKGROUND}"/>']
+
+
+def _attention_panel(parts, left, top, weights, row_labels, column_labels, caption):
+    """One map at (left, top): a cell per weight, its opacity the weight, labels left and below, caption above."""
+    parts.append(f'<text x="{left}" y="{top - 6}">{escape(caption)}</text>')
+    parts.append('<g class="map">')
+    for i, row in enumerate(weights):
+        for j, value in enumerate(row):
+            parts.append(f'<rect x="{left + j * CELL}" y="{top + i * CELL}" width="{CELL}" height="{CELL}" '
+                         f'fill="{HEAT}" fill-opacity="{value:.3f}" stroke="{GRID}" stroke-width="0.5"/>')
+    parts.append("</g>")
+    for i, label in enumerate(row_labels):
+        parts.append(f'<text x="{left - 4}" y="{top + i * CELL + 12}" text-anchor="end">{escape(label)}</text>')
+    for j, label in enumerate(column_labels):
+        parts.append(f'<text x="{left + j * CELL + CELL / 2}" y="{top + len(weights) * CELL + 12}" '
+                     f'text-anchor="middle">{escape(label)}</text>')
+
+
+def _colour_scale(parts, left, top, height=96):
+    """A key to the cells' shading: weight 0 (white) at the bottom to 1 (full colour) at the top.
+    Drawn as stacked cells, as the maps are, not as a gradient some viewers render differently."""
+    steps = 8
+    parts.append(f'<g class="colour-scale"><text x="{left}" y="{top - 6}">weight</text>')
+    for k in range(steps):
+        value = 1 - k / (steps - 1)
+        parts.append(f'<rect x="{left}" y="{top + k * height / steps:.1f}" width="12" height="{height / steps:.1f}" '
+                     f'fill="{HEAT}" fill-opacity="{value:.3f}" stroke="{GRID}" stroke-width="0.5"/>')
+    for value, y in ((1.0, top + 8), (0.5, top + height / 2 + 4), (0.0, top + height)):
+        parts.append(f'<text x="{left + 16}" y="{y:.1f}">{value:g}</text>')
+    parts.append("</g>")
+
+
 def attention_svg(maps, row_labels, column_labels, title="cross-attention"):
-    """An SVG grid of attention maps, one panel per (layer, head); maps has shape (layers, heads, rows, columns)."""
+    """An SVG grid of attention maps, one panel per (layer, head), with a colour scale; maps
+    has shape (layers, heads, rows, columns)."""
     maps = _values(maps)
-    cell, gap, margin = 16, 24, 40
-    n_rows, n_columns = len(row_labels), len(column_labels)
-    panel_width, panel_height = n_columns * cell, n_rows * cell
+    gap = 24
     layers, heads = len(maps), len(maps[0])
-    width = max(margin + heads * (panel_width + gap + margin), 440)  # room for the title
-    height = margin + 20 + layers * (panel_height + gap + margin)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="Helvetica" font-size="10">',
-             f'<text x="{margin}" y="20" font-size="14">{escape(title)}: rows are outputs, columns are inputs</text>']
+    panel_width = max(len(column_labels) * CELL, _text_width(f"layer {layers}, head {heads}"))
+    panel_height = len(row_labels) * CELL
+    scale_left = LABEL_SPACE + heads * (panel_width + gap + LABEL_SPACE)
+    width = max(scale_left + 40, 440)  # room for the colour scale and the title
+    height = max(LABEL_SPACE + 20 + layers * (panel_height + gap + LABEL_SPACE), 180)
+    parts = _svg_open(width, height, 10)
+    parts.append(f'<text x="{LABEL_SPACE}" y="20" font-size="14">{escape(title)}: rows are outputs, columns are inputs</text>')
     for layer in range(layers):
         for head in range(heads):
-            left = margin + head * (panel_width + gap + margin)
-            top = margin + 20 + layer * (panel_height + gap + margin)
-            parts.append(f'<text x="{left}" y="{top - 6}">layer {layer + 1}, head {head + 1}</text>')
-            for i, row in enumerate(maps[layer][head]):
-                for j, value in enumerate(row):
-                    parts.append(f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
-                                 f'fill="#1f4e9c" fill-opacity="{value:.3f}" stroke="#ddd" stroke-width="0.5"/>')
-            for i, label in enumerate(row_labels):
-                parts.append(f'<text x="{left - 4}" y="{top + i * cell + 12}" text-anchor="end">{escape(label)}</text>')
-            for j, label in enumerate(column_labels):
-                parts.append(f'<text x="{left + j * cell + cell / 2}" y="{top + panel_height + 12}" text-anchor="middle">{escape(label)}</text>')
+            left = LABEL_SPACE + head * (panel_width + gap + LABEL_SPACE)
+            top = LABEL_SPACE + 20 + layer * (panel_height + gap + LABEL_SPACE)
+            _attention_panel(parts, left, top, maps[layer][head], row_labels, column_labels, f"layer {layer + 1}, head {head + 1}")
+    _colour_scale(parts, scale_left, LABEL_SPACE + 20)
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def filmstrip_svg(frames, column_labels, title):
+    """Attention maps as they form during training: one column per frame, one row per layer.
+    Each frame is a dict with 'caption' (such as "step 300, exact-match 48%"), 'rows' (its
+    row labels: the tokens decoded then) and 'maps' (layers, rows, columns), a head average."""
+    gap, first_top = 16, LABEL_SPACE + 52
+    panel_width = max([len(column_labels) * CELL] + [_text_width(frame["caption"], 11) for frame in frames])
+    tallest = max(len(frame["rows"]) for frame in frames) * CELL
+    layers = max(len(frame["maps"]) for frame in frames)
+    column_width = panel_width + gap + LABEL_SPACE
+    scale_left = LABEL_SPACE + len(frames) * column_width
+    width = max(scale_left + 40, 440)
+    height = max(first_top + layers * (tallest + gap + LABEL_SPACE), 220)
+    parts = _svg_open(width, height, 10)
+    parts.append(f'<text x="{LABEL_SPACE}" y="20" font-size="14">{escape(title)}</text>')
+    parts.append(f'<text x="{LABEL_SPACE}" y="36">rows are outputs, columns are inputs; each layer\'s heads averaged</text>')
+    for index, frame in enumerate(frames):
+        left = LABEL_SPACE + index * column_width
+        parts.append(f'<text x="{left}" y="{first_top - 22}" font-size="11" font-weight="bold">{escape(frame["caption"])}</text>')
+        for layer, weights in enumerate(frame["maps"]):
+            top = first_top + layer * (tallest + gap + LABEL_SPACE)
+            _attention_panel(parts, left, top, weights, frame["rows"], column_labels, f"layer {layer + 1}")
+    _colour_scale(parts, scale_left, first_top)
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -110,8 +181,7 @@ def line_chart_svg(panels, x_label, y_label, title=""):
     y runs from 0 to 1 (an accuracy), x over the union of the series' x values."""
     width, height, margin = 360, 260, 50
     total_width = margin + len(panels) * (width + margin)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_width}" height="{height + 2 * margin + 30}" '
-             f'font-family="Helvetica" font-size="11">']
+    parts = _svg_open(total_width, height + 2 * margin + 30, 11)
     if title:
         parts.append(f'<text x="{margin}" y="20" font-size="14">{escape(title)}</text>')
     names = sorted({name for series in panels.values() for name in series})
