@@ -178,7 +178,8 @@ LINE_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"
 
 def line_chart_svg(panels, x_label, y_label, title=""):
     """Side-by-side line charts as SVG. `panels` maps a panel title to {series name: [(x, y), ...]};
-    y runs from 0 to 1 (an accuracy), x over the union of the series' x values."""
+    y runs from 0 to 1 (an accuracy), x over the union of the series' x values. x_label names
+    every panel's x axis, or is a dict naming each panel's."""
     width, height, margin = 360, 260, 50
     total_width = margin + len(panels) * (width + margin)
     parts = _svg_open(total_width, height + 2 * margin + 30, 11)
@@ -203,7 +204,8 @@ def line_chart_svg(panels, x_label, y_label, title=""):
         for x in sorted(set(xs)):
             px, _ = place(x, 0.0)
             parts.append(f'<text x="{px:.1f}" y="{top + height + 14}" text-anchor="middle">{x:g}</text>')
-        parts.append(f'<text x="{left + width / 2}" y="{top + height + 30}" text-anchor="middle">{escape(x_label)}</text>')
+        axis = x_label[panel] if isinstance(x_label, dict) else x_label
+        parts.append(f'<text x="{left + width / 2}" y="{top + height + 30}" text-anchor="middle">{escape(axis)}</text>')
         parts.append(f'<text x="{left - 36}" y="{top + height / 2}" transform="rotate(-90 {left - 36} {top + height / 2})" '
                      f'text-anchor="middle">{escape(y_label)}</text>')
         for name, points in series.items():
