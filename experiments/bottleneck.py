@@ -11,7 +11,7 @@ key-value pairs), reported by pairs; it is not a default: the plain RNN solves i
 Writes results.json (with the command, the commit and the machine), results.md (tables)
 and accuracy_by_length.svg (a line chart).
 
-    python experiments/bottleneck.py            # the full run, about 10 minutes on 2 cores
+    python experiments/bottleneck.py            # the full run, about 11 minutes on 2 cores
     python experiments/bottleneck.py --quick    # a tiny end-to-end run, seconds
 """
 import argparse
