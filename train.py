@@ -59,6 +59,9 @@ def build_parser():
     model.add_argument("--randomized-positions", type=int, metavar="N",
                        help="positions of each sequence a sorted random subset of 0..N-1, in training and evaluation, "
                        "instead of 0..L-1 (Ruoss et al. 2023); N must cover the longest sequence")
+    model.add_argument("--bidirectional", action=argparse.BooleanOptionalAction,
+                       help="the RNN models' encoder reads the source both ways, as RNNsearch (default); "
+                       "--no-bidirectional: forward only, as checkpoints written before it")
     training = parser.add_argument_group("training")
     training.add_argument("--batch-size", type=int, help="sequences per step (default 64)")
     training.add_argument("--lr", type=float, help="peak learning rate of Adam (default 3e-3)")
@@ -110,7 +113,9 @@ def settings_from(args, saved=None, parser=None):
         fixed = {key: value for key, value in given.items() if key not in RUN_SETTINGS and value != getattr(config, key)}
         if fixed:
             key, value = next(iter(fixed.items()))
-            raise checkpoint.CheckpointError(path, f"was trained with {flag_name(key)} {getattr(config, key)}, not {value}; "
+            trained = flag_saying(key, getattr(config, key))
+            asked = flag_saying(key, value) if isinstance(value, bool) else value  # "--d-model 64, not 32"
+            raise checkpoint.CheckpointError(path, f"was trained with {trained}, not {asked}; "
                                              "model, data and optimizer settings come from the checkpoint")
         check_learned_positions(config, given, path, parser)
         if "steps" in given and given["steps"] <= config.warmup:
@@ -140,6 +145,13 @@ def check_learned_positions(saved, given, path, parser):
         beyond = ", and positions past those do not exist" if asked.position_count > saved.position_count else ""
         parser.error(f"--eval-max-len ({given['eval_max_len']}) must stay {saved.eval_up_to} for {path}: its learned "
                      f"positions were made for sources up to {saved.eval_up_to}{beyond}")
+
+
+def flag_saying(setting, value):
+    """The flag that sets `setting` to `value`: '--d-model 64'; a switch alone: '--bidirectional', '--no-bidirectional'."""
+    if isinstance(value, bool):
+        return flag_name(setting) if value else "--no-" + flag_name(setting)[2:]
+    return f"{flag_name(setting)} {value}"
 
 
 def check_memory(config, saved, given, args, parser):

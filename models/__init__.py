@@ -24,7 +24,7 @@ def build_model(config, vocab_size, device=None):
     if config.model == "gpt":
         return DecoderOnlyTransformer(vocab_size, num_layers=config.layers, **positions, **common)
     if config.model in ("rnn", "rnn-attention"):
-        # --d-model is the GRU's hidden size (and the embedding size); --heads, --layers and --d-ff do not apply
+        # --d-model is each GRU's hidden size (and the embedding size); --heads, --layers and --d-ff do not apply
         return RNNSeq2Seq(vocab_size, hidden_size=config.d_model, attention=config.model == "rnn-attention",
-                          seed=config.seed, device=device)
+                          bidirectional=config.bidirectional, seed=config.seed, device=device)
     raise ValueError(f"unknown model {config.model!r}; expected one of {', '.join(MODELS)}")

@@ -61,6 +61,7 @@ class Config:
     dropout: float = 0.0
     positional: str = "learned"
     randomized_positions: typing.Optional[int] = None  # positions drawn from 0..N-1 (Ruoss et al. 2023)
+    bidirectional: bool = True  # the RNN models' encoder; the others have none
     # training
     batch_size: int = 64
     lr: float = 3e-3
@@ -102,7 +103,7 @@ class Config:
         unknown = sorted(set(values) - set(SETTINGS))
         if unknown:
             raise ConfigError(f"unknown setting {name(unknown[0])}")
-        config = cls(**values)
+        config = cls(**{**SAVED_BEFORE_ADDED, **values})
         config.check(name)
         return config
 
@@ -178,6 +179,9 @@ def _plain_type(annotation):
 
 
 SETTINGS = {field.name: _plain_type(field.type) for field in dataclasses.fields(Config)}
+# Settings added after checkpoints were first written, and what a saved config without them
+# meant: the RNN models' encoder read one way until it became bidirectional.
+SAVED_BEFORE_ADDED = {"bidirectional": False}
 # What a resumed run may change; everything else (model, data, optimizer) comes from the checkpoint.
 # --eval-max-len too, but learned positions are a table made for it (train.py refuses another).
 RUN_SETTINGS = ("steps", "eval_every", "eval_size", "eval_max_len", "target_accuracy", "device", "threads", "kernels",

@@ -9,11 +9,12 @@
   the longest sequences (`--threads` splits the batch, not the total), with the composed
   kernels, which keep the most. Per token and layer it counts a few floats per unit of
   --d-model and --d-ff and one row of attention scores per head; per output token the
-  logits; for the GRU models one cell per time step and, with attention, one (source
-  length, --d-model) score input per decoder step. The coefficients were measured with
-  tracemalloc on one step of each model (composed kernels, batch 64..256, lengths 16..48,
-  --d-model 64..256, --d-ff 64..1024, --vocab 10..1000), rounded up: the coefficients
-  alone came within 0.8x..1.6x of the measured peak, and ACTIVATION_MARGIN covers the rest;
+  logits; for the GRU models one cell per time step and encoder direction and, with
+  attention, one (source length, --d-model) score input per decoder step. The coefficients
+  were measured with tracemalloc on one step of each model (composed kernels, batch 64..256,
+  lengths 16..48, --d-model 64..256, --d-ff 64..1024, --vocab 10..1000; the GRU models
+  both ways and one way), rounded up: the coefficients alone came within 0.8x..1.6x of the
+  measured peak, and ACTIVATION_MARGIN covers the rest;
 - evaluation: greedy decoding of one 512-row held-out batch, under no_grad: an eighth of
   a training step's activations for each row (every measured peak was below that),
   counted instead of the step's when larger, since the two never coexist;
@@ -72,9 +73,12 @@ def parameter_count(config):
                 + layers * _attention_block(d, d_ff, 1) + 2 * d + _linear(d, vocab))
     if config.model == "gpt":
         return vocab * d + positions * d + layers * _attention_block(d, d_ff, 0) + 2 * d + _linear(d, vocab)
-    context = d if config.model == "rnn-attention" else 0
-    attention = d + d * d + _linear(d, d) if context else 0
-    return vocab * d + _gru(d, d) + _gru(d + context, d) + attention + _linear(d + context, vocab)
+    directions = 2 if config.bidirectional else 1
+    bridge = _linear(2 * d, d) if config.bidirectional else 0
+    context = directions * d if config.model == "rnn-attention" else 0
+    attention = d + d * d + _linear(context, d) if context else 0
+    return (vocab * d + directions * _gru(d, d) + bridge + _gru(d + context, d) + attention
+            + _linear(d + context, vocab))
 
 
 def _step_floats(config, rows):
@@ -89,9 +93,9 @@ def _step_floats(config, rows):
     if config.model == "gpt":
         tokens = 2 * config.max_len + 1
         return rows * tokens * (layers * (20 * d + 3 * d_ff + dropout + 4 * heads * tokens) + 4 * d + 6 * vocab)
-    source, target = config.max_len, config.max_len + 1
+    source, target, directions = config.max_len, config.max_len + 1, 2 if config.bidirectional else 1
     attention = target * (2 * source * d + 8 * d) if config.model == "rnn-attention" else 0
-    return rows * ((source + target) * 20 * d + attention + 6 * vocab * target)
+    return rows * ((directions * source + target) * 20 * d + attention + 6 * vocab * target)
 
 
 def estimate(config, training=True, checkpoint=False):

@@ -288,6 +288,9 @@ FUSED_FUNCTIONS = {
 }
 # Functions only composed references use: softmax and log-softmax, the layer norm's pieces.
 COMPOSED_ONLY = {"Softmax", "LogSoftmax", "Sqrt", "Sigmoid", "Tanh"}
+# Of those, what a model runs itself, on either path: the GRU models' tanh from the encoder's final
+# states to the decoder's first (their composed GRU steps still show as Sigmoid).
+MODEL_OWN = {"rnn": {"Tanh"}, "rnn-attention": {"Tanh"}}
 
 
 @pytest.mark.parametrize("model", sorted(FUSED_FUNCTIONS))
@@ -306,7 +309,7 @@ def test_the_switch_selects_each_path_for_a_whole_model(model, kernel_path, func
     fused_ran = {name for name in names if name.startswith("Fused")}
     if kernel_path == "fused":
         assert fused_ran == FUSED_FUNCTIONS[model]
-        assert not names & COMPOSED_ONLY
+        assert not names & (COMPOSED_ONLY - MODEL_OWN.get(model, set()))
     else:
         assert fused_ran == set()
         assert "Softmax" in names or model == "rnn"

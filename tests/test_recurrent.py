@@ -85,13 +85,64 @@ def test_run_gru_carries_the_state_over_padding():
     np.testing.assert_array_equal(states.numpy()[0, 3], states.numpy()[0, 1])
 
 
+def test_run_gru_in_reverse_reads_each_row_from_its_last_real_token():
+    cell = nn.GRUCell(2, 3, generator=ta.Generator(9), dtype=ta.float64)
+    inputs = [randn(2, 2, grad=False) for _ in range(4)]
+    states, first = nn.run_gru(cell, inputs, on_device(MASK), reverse=True)
+    for row, length in enumerate(MASK.sum(axis=1)):
+        read_backwards, _ = nn.run_gru(cell, [x[row:row + 1] for x in inputs[:length][::-1]])
+        np.testing.assert_allclose(states.numpy()[row, :length], read_backwards.numpy()[0, ::-1], rtol=1e-12)
+        np.testing.assert_allclose(first.numpy()[row], read_backwards.numpy()[0, -1], rtol=1e-12)
+    assert np.all(states.numpy()[0, 2:] == 0.0)  # row 0's padding, read first, leaves the zero initial state
+
+
+def bidirectional_cells(input_size, hidden_size, seed):
+    return [nn.GRUCell(input_size, hidden_size, generator=ta.Generator(seed + i), dtype=ta.float64) for i in range(2)]
+
+
+def test_bidirectional_gru_gradcheck(kernel_path):
+    """Annotations and final states of both directions, padding included, in float64 on each kernels path."""
+    cell, cell_reverse = bidirectional_cells(2, 3, seed=12)
+    mask = on_device(MASK)
+    inputs = [randn(2, 2) for _ in range(4)]
+    params = [*cell.parameters(), *cell_reverse.parameters()]
+
+    def annotations_and_finals(*tensors):
+        annotations, finals = nn.run_bidirectional_gru(cell, cell_reverse, list(tensors[:4]), mask)
+        return ta.concatenate([annotations.reshape(2, -1), finals], axis=-1)
+
+    assert ta.gradcheck(annotations_and_finals, [*inputs, *params])
+
+
+def test_bidirectional_gru_matches_torch_on_padded_rows():
+    torch = pytest.importorskip("torch")
+    cell, cell_reverse = bidirectional_cells(3, 4, seed=14)
+    reference = torch.nn.GRU(3, 4, batch_first=True, bidirectional=True, dtype=torch.float64)
+    with torch.no_grad():
+        for suffix, ours in (("", cell), ("_reverse", cell_reverse)):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(reference, f"{name}_l0{suffix}").copy_(torch.from_numpy(getattr(ours, name).numpy()))
+    source = RNG.standard_normal((2, 4, 3))
+    lengths = MASK.sum(axis=1)
+    annotations, finals = nn.run_bidirectional_gru(cell, cell_reverse, [on_device(source[:, t]) for t in range(4)], on_device(MASK))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.from_numpy(source), torch.from_numpy(lengths), batch_first=True,
+                                                     enforce_sorted=False)
+    with torch.no_grad():
+        output, final = reference(packed)
+    output, _ = torch.nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=4)
+    for row, length in enumerate(lengths):
+        np.testing.assert_allclose(annotations.numpy()[row, :length], output.numpy()[row, :length], rtol=1e-10)
+    np.testing.assert_allclose(finals.numpy(), torch.cat([final[0], final[1]], dim=-1).numpy(), rtol=1e-10)
+
+
 TASK = SequenceTask("reverse", vocab=5, min_len=1, max_len=5)
 
 
+@pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("name", ["rnn", "rnn-attention"])
-def test_rnn_models_train_shapes_and_decode(name):
-    model = build_model(Config(model=name, d_model=12, heads=4, layers=1, d_ff=8, dropout=0.0, seed=0, max_len=5),
-                        TASK.vocab_size)
+def test_rnn_models_train_shapes_and_decode(name, bidirectional):
+    model = build_model(Config(model=name, d_model=12, heads=4, layers=1, d_ff=8, dropout=0.0, seed=0, max_len=5,
+                               bidirectional=bidirectional), TASK.vocab_size)
     batch = next(TASK.batches(6, seed=0))
     logits, labels = model.forward_batch(batch)
     assert logits.shape == labels.shape + (TASK.vocab_size,)
@@ -105,9 +156,11 @@ def test_rnn_models_train_shapes_and_decode(name):
             np.testing.assert_allclose(attention.sum(axis=-1), 1.0, rtol=1e-5)
 
 
-def test_rnn_attention_gradcheck_of_a_whole_tiny_model():
-    model = build_model(Config(model="rnn-attention", d_model=4, heads=1, layers=1, d_ff=4, dropout=0.0, seed=1, max_len=3),
+@pytest.mark.parametrize("name", ["rnn", "rnn-attention"])
+def test_gradcheck_of_a_whole_tiny_bidirectional_model(name):
+    model = build_model(Config(model=name, d_model=4, heads=1, layers=1, d_ff=4, dropout=0.0, seed=1, max_len=3),
                         TASK.vocab_size)
+    assert model.encoder_reverse is not None and model.bridge is not None
     for p in model.parameters():
         p.data = p.data.astype(np.float64)
     batch = TASK.make_batch([[4, 5, 6], [7, 8]])

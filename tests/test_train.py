@@ -722,6 +722,26 @@ def test_rnn_models_train_and_report_accuracy_by_length(tmp_path, capsys):
     assert (tmp_path / "b.svg").exists()
 
 
+def test_a_checkpoint_from_before_the_bidirectional_encoder_loads_one_directional(tmp_path):
+    flags = ["--task", "copy", "--vocab", "4", "--max-len", "4", "--model", "rnn-attention", "--d-model", "8",
+             "--batch-size", "16", "--eval-size", "16", "--steps", "20", "--eval-every", "10", "--warmup", "2"]
+    assert run_main([*flags, "--no-bidirectional", "--out", tmp_path, "--stop-at", "10"])[0] == 0
+    path = tmp_path / CHECKPOINT_NAME
+    state = checkpoint.load(path)
+    del state["config"]["bidirectional"]  # as written before the setting existed
+    checkpoint.save(path, state)
+    code, stdout, stderr = run_main(["--checkpoint", path, "--decode", "1 2", "--svg", tmp_path / "a.svg"])
+    assert code == 0, stderr
+    code, _, stderr = run_main(["--resume", path, "--bidirectional"])
+    assert code == 1 and "was trained with --no-bidirectional, not --bidirectional" in error_line(stderr)
+    assert run_main(["--resume", path])[0] == 0
+    assert checkpoint.load(path)["config"]["bidirectional"] is False and checkpoint.load(path)["step"] == 20
+    state["config"]["bidirectional"] = True  # one-directional weights under a config that says otherwise
+    checkpoint.save(tmp_path / "mislabelled.npz", state)
+    code, _, stderr = run_main(["--checkpoint", tmp_path / "mislabelled.npz", "--evaluate"])
+    assert code == 1 and "does not fit the model" in error_line(stderr)
+
+
 # --- the kernels switch from the command line --------------------------------------------------------
 
 def test_kernels_composed_trains_with_engine_ops_alone_and_the_checkpoint_serves_both_paths(tmp_path, function_calls):

@@ -186,11 +186,12 @@ MARKERS = (lambda x, y, c: f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{c}
 def line_chart_svg(panels, x_label, y_label, title="", shade=None, labelled_x=None, x_ticks=None):
     """Side-by-side line charts as SVG. `panels` maps a panel title to {series name: [(x, y), ...]};
     y runs from 0 to 1 (an accuracy), drawn with room above 1 so that a line at 100% stays
-    visible, x over the union of the series' x values. shade: (x from, x to, label), a band
-    drawn behind the lines of every panel; labelled_x: the x values that get a label under
-    the axis (default every one); x_ticks: a label for an x value where it is not the number
-    (a bucket of lengths as "1-4"). Points are marked, so lines that lie on one another still
-    show each series."""
+    visible, x over the union of the series' x values. x_label names every panel's x axis,
+    or is a dict naming each panel's. shade: (x from, x to, label), a band drawn behind the
+    lines of every panel; labelled_x: the x values that get a label under the axis (default
+    every one); x_ticks: a label for an x value where it is not the number (a bucket of
+    lengths as "1-4"). Points are marked, so lines that lie on one another still show each
+    series."""
     width, height, margin = 360, 260, 50
     x_ticks = x_ticks or {}
     spacing = width + margin + 24  # a panel and the room for the next one's y-axis labels
@@ -224,7 +225,8 @@ def line_chart_svg(panels, x_label, y_label, title="", shade=None, labelled_x=No
         for x in sorted(set(xs)) if labelled_x is None else labelled_x:
             px, _ = place(x, 0.0)
             parts.append(f'<text x="{px:.1f}" y="{top + height + 14}" text-anchor="middle">{escape(x_ticks.get(x, f"{x:g}"))}</text>')
-        parts.append(f'<text x="{left + width / 2}" y="{top + height + 30}" text-anchor="middle">{escape(x_label)}</text>')
+        axis = x_label[panel] if isinstance(x_label, dict) else x_label
+        parts.append(f'<text x="{left + width / 2}" y="{top + height + 30}" text-anchor="middle">{escape(axis)}</text>')
         parts.append(f'<text x="{left - 36}" y="{top + height / 2}" transform="rotate(-90 {left - 36} {top + height / 2})" '
                      f'text-anchor="middle">{escape(y_label)}</text>')
         for name, points in series.items():

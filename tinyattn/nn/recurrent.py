@@ -1,4 +1,4 @@
-"""Recurrent building blocks: a GRU cell and additive (Bahdanau) attention, from engine ops.
+"""Recurrent building blocks: a GRU cell, run over a sequence one way or both, and additive (Bahdanau) attention.
 
 They exist to show what attention fixed. A recurrent encoder reads a sequence one step
 at a time into a fixed-size state; without attention the decoder sees only the last
@@ -10,7 +10,7 @@ import math
 from .. import backend
 from ..creation import empty_parameter_data
 from ..kernels.recurrent import additive_attention, gru_cell
-from ..ops import constant, stack, where
+from ..ops import concatenate, constant, stack, where
 from . import init
 from .layers import Linear
 from .module import Module, Parameter
@@ -52,7 +52,7 @@ class GRUCell(Module):
         return f"{self.input_size}, {self.hidden_size}"
 
 
-def run_gru(cell, inputs, mask=None, initial=None):
+def run_gru(cell, inputs, mask=None, initial=None, reverse=False):
     """Run `cell` over a list of per-step inputs (B, input); returns every state (B, T, hidden) and the last.
 
     The inputs come as a list (made per step, e.g. by embedding one column of tokens)
@@ -60,15 +60,34 @@ def run_gru(cell, inputs, mask=None, initial=None):
     full-size array, so T slices would cost T full passes in backward.
     mask (B, T) boolean: where False (padding), the state is carried over unchanged, so
     the last state of each row is its state after its own last real token.
+    reverse: read the inputs last to first (the backward direction of a bidirectional
+    GRU). The states still come in input order, and the one returned last is the state
+    after the first input. Padding sits at a row's end, so it is read first and leaves the
+    initial state as it is: each row's backward pass starts at its own last real token.
     """
     first = inputs[0]
     h = initial if initial is not None else constant(first.xp.zeros((first.shape[0], cell.hidden_size), dtype=first.dtype))
-    states = []
-    for t, x in enumerate(inputs):
-        new = cell(x, h)
+    order = range(len(inputs) - 1, -1, -1) if reverse else range(len(inputs))
+    states = [None] * len(inputs)
+    for t in order:
+        new = cell(inputs[t], h)
         h = new if mask is None else where(mask[:, t:t + 1], new, h)
-        states.append(h)
+        states[t] = h
     return stack(states, axis=1), h
+
+
+def run_bidirectional_gru(cell, cell_reverse, inputs, mask=None):
+    """A bidirectional GRU over a list of per-step inputs (B, input), as the encoder of
+    Bahdanau et al.'s RNNsearch (PyTorch: nn.GRU(bidirectional=True, batch_first=True)).
+
+    `cell` reads first to last, `cell_reverse` last to first (see run_gru). Returns the
+    annotations (B, T, 2 hidden), each position's forward state then its backward one, so
+    every position has read the whole sequence, and the final states (B, 2 hidden): the
+    forward state after each row's last real input, then the backward state after its first.
+    """
+    forward, last = run_gru(cell, inputs, mask)
+    backward, first = run_gru(cell_reverse, inputs, mask, reverse=True)
+    return concatenate([forward, backward], axis=-1), concatenate([last, first], axis=-1)
 
 
 class AdditiveAttention(Module):
