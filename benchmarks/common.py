@@ -127,6 +127,16 @@ def print_machine(info):
     print(f"glibc allocator tuned (tinyattn.cpu.tune_allocator, as train.py does): {info['allocator_tuned']}")
 
 
+def quick_or_full(args, quick, full, parser):
+    """An experiment's settings: `quick` with --quick, else `full`, with --steps (when given) in place of theirs."""
+    settings = dict(quick if args.quick else full)
+    if args.steps is not None:
+        if args.steps <= 0:
+            parser.error(f"--steps must be positive, got {args.steps}")
+        settings["steps"] = args.steps
+    return settings
+
+
 def add_out_argument(parser, name):
     parser.add_argument("--out", default=os.path.join(RESULTS, f"{name}.json"),
                         help=f"where the JSON goes (default benchmarks/results/{name}.json)")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's models/ and tinyattn/
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import machine_info, quick_or_full  # noqa: E402
 from models import Config, build_model  # noqa: E402
 from models.training import Run  # noqa: E402
 from tinyattn.cpu import tune_allocator  # noqa: E402
@@ -145,11 +145,7 @@ def main(argv=None):
                         help="the RNNs' encoder reads both ways (default); --no-bidirectional: forward only, as before")
     parser.add_argument("--out", default=os.path.join("experiments", "results", "bottleneck"), help="output folder")
     args = parser.parse_args(argv)
-    settings = dict(QUICK if args.quick else FULL)
-    if args.steps is not None:
-        if args.steps <= 0:
-            parser.error(f"--steps must be positive, got {args.steps}")
-        settings["steps"] = args.steps
+    settings = quick_or_full(args, QUICK, FULL, parser)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     unknown = [task for task in tasks if task not in TASKS]
     if unknown or not tasks:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the checkout's models/ and tinyattn/
 
+from benchmarks.common import quick_or_full  # noqa: E402
 from models import Config  # noqa: E402
 from models.config import positions_needed  # noqa: E402
 from models.training import Run  # noqa: E402
@@ -212,11 +213,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join("experiments", "results", "length_generalization"), help="output folder")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    settings = dict(QUICK if args.quick else FULL)
-    if args.steps is not None:
-        if args.steps <= 0:
-            parser.error(f"--steps must be positive, got {args.steps}")
-        settings["steps"] = args.steps
+    settings = quick_or_full(args, QUICK, FULL, parser)
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
