@@ -54,8 +54,9 @@ def build_parser():
     model.add_argument("--d-ff", type=int, help="hidden width of the feed-forward blocks (default 256)")
     model.add_argument("--dropout", type=float, help="dropout probability (default 0.0)")
     model.add_argument("--positional", choices=POSITIONAL,
-                       help="positions of the transformer models: vectors added to the embeddings, 'learned' (default) or "
-                       "'sinusoidal'; inside every attention, 'rope' (rotary) or 'alibi' (linear biases); or 'none'")
+                       help="positions of the transformer models: vectors added to the embeddings, 'learned' (default; "
+                       "'rope' for the encoder-decoder on --task lookup) or 'sinusoidal'; inside every attention, 'rope' "
+                       "(rotary) or 'alibi' (linear biases); or 'none'")
     model.add_argument("--randomized-positions", type=int, metavar="N",
                        help="positions of each sequence a sorted random subset of 0..N-1, in training and evaluation, "
                        "instead of 0..L-1 (Ruoss et al. 2023); N must cover the longest sequence")
@@ -126,6 +127,8 @@ def settings_from(args, saved=None, parser=None):
             given["warmup"] = default_warmup(given.get("steps", DEFAULTS.steps))
         if given.get("task") == "lookup" and "vocab" not in given:  # enough distinct keys for the longest sources
             given["vocab"] = max(DEFAULTS.vocab, lookup_vocab(given.get("max_len", DEFAULTS.max_len)))
+        if given.get("task") == "lookup" and given.get("model", DEFAULTS.model) == "transformer" and "positional" not in given:
+            given["positional"] = "rope"  # with learned positions the encoder-decoder never learns it (docs/training.md)
     config = config.replace(**given)
     try:
         config.check(flag_name)

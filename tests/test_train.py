@@ -300,14 +300,21 @@ BAD_FLAGS = [
 ]
 
 
-def test_the_lookup_task_defaults_to_enough_keys_for_its_longest_sources(tmp_path):
+def test_the_lookup_task_defaults_to_enough_keys_and_the_encoder_decoder_to_rotary_positions(tmp_path):
     code, stdout, stderr = run_main(["--task", "lookup", "--max-len", "9", "--steps", "2", "--warmup", "0", "--eval-every", "2",
                                      "--eval-size", "8", "--out", tmp_path])
     assert code == 0, stderr
-    assert " vocab=10 " in stdout  # the default 10 covers 4 keys; 16 would need 14
+    assert "vocab=10" in stdout.split()  # the default 10 covers 4 keys; 16 would need 14
     code, stdout, stderr = run_main(["--task", "lookup", "--steps", "2", "--warmup", "0", "--eval-every", "2",
                                      "--eval-size", "8", "--out", tmp_path / "b"])
-    assert code == 0 and " vocab=14 " in stdout, stderr
+    assert code == 0 and "vocab=14" in stdout.split(), stderr
+    assert "positional=rope" in stdout.split()  # the encoder-decoder learns lookup with rotary positions only
+    code, stdout, stderr = run_main(["--task", "lookup", "--model", "gpt", "--steps", "2", "--warmup", "0", "--eval-every", "2",
+                                     "--eval-size", "8", "--out", tmp_path / "c"])
+    assert code == 0 and "positional=learned" in stdout.split(), stderr
+    code, stdout, stderr = run_main(["--task", "lookup", "--positional", "learned", "--steps", "2", "--warmup", "0",
+                                     "--eval-every", "2", "--eval-size", "8", "--out", tmp_path / "d"])
+    assert code == 0 and "positional=learned" in stdout.split(), stderr  # as given
 
 
 @pytest.mark.parametrize("flags, named", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS])
