@@ -91,7 +91,7 @@ def config_lines(config, width=TERMINAL_WIDTH):
 
 def threads_per_step(sharded):
     """'2 threads per step', with the shards and their BLAS threads where BLAS runs several per shard."""
-    threads = sharded.shards * sharded.blas_threads_per_shard
+    threads = sharded.threads
     split = f" ({sharded.shards} shards of {sharded.blas_threads_per_shard} BLAS threads)" if sharded.blas_threads_per_shard > 1 else ""
     return f"{threads} thread{'s' if threads > 1 else ''} per step{split}"
 
@@ -145,8 +145,6 @@ class Run:
         self.stream = self.task.batches(config.batch_size, config.seed, device=config.device)
         draws = config.dropout or config.randomized_positions  # random draws in the step: each shard gets its own generator
         self.sharded = sharded_backward_for(config, generator=self.model.generator if draws else None)
-        # Evaluation is one thread of array work, so its matrix products may use all the step's threads.
-        self.threads = self.sharded.shards * self.sharded.blas_threads_per_shard
         self.step, self.elapsed_before = 0, 0.0
         self.best = None  # {"step", "exact_match"}: the best held-out evaluation saved in this run's folder
 
@@ -173,11 +171,12 @@ class Run:
         return loss_value, batch, accuracy
 
     def evaluate(self, batches):
-        with kernels.use(self.config.kernels), cpu.blas_threads(self.threads):
+        # Evaluation is one thread of array work, so its matrix products may use all the step's threads.
+        with kernels.use(self.config.kernels), cpu.blas_threads(self.sharded.threads):
             return evaluate(self.model, batches)
 
     def greedy_decode(self, source, max_new_tokens, need_weights=False):
-        with kernels.use(self.config.kernels), cpu.blas_threads(self.threads):
+        with kernels.use(self.config.kernels), cpu.blas_threads(self.sharded.threads):
             return self.model.greedy_decode(source, max_new_tokens, need_weights=need_weights)
 
     def eval_set(self):

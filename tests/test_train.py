@@ -240,7 +240,7 @@ def test_a_run_on_one_thread_holds_blas_to_one_thread_in_steps_and_evaluation(mo
     with training.cpu.blas_threads(2):
         run.train_step()
         run.evaluate(run.eval_set())
-    assert run.threads == 1 and seen == [1, 1]
+    assert run.sharded.threads == 1 and seen == [1, 1]
 
 
 def test_forward_backward_on_two_shards_gives_the_whole_batch_loss_and_gradients():

@@ -62,14 +62,22 @@ class ShardedBackward:
         self.blas_threads_per_shard = blas_threads or max(1, cpu.core_count() // shards)
         self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="tinyattn-shard") if shards > 1 else None
 
+    @property
+    def threads(self):
+        """The threads a call runs on, BLAS's included: the shards times each one's BLAS threads."""
+        return self.shards * self.blas_threads_per_shard
+
     def __call__(self, loss_of, shards, params):
         if not 1 <= len(shards) <= self.shards:
             raise ValueError(f"expected 1 to {self.shards} shards, got {len(shards)}")
+        with cpu.blas_threads(self.blas_threads_per_shard):
+            return self._run_shards(loss_of, shards, params)
+
+    def _run_shards(self, loss_of, shards, params):
         if len(shards) == 1:
-            with cpu.blas_threads(self.blas_threads_per_shard):
-                outputs = loss_of(shards[0])
-                if _worth_differentiating(outputs[0]):
-                    outputs[0].backward()
+            outputs = loss_of(shards[0])
+            if _worth_differentiating(outputs[0]):
+                outputs[0].backward()
             return [outputs]
         params = [param for param in params if param.requires_grad]
         own_generators = ([backend.generator(int(seed)) for seed in self.generator.integers(0, 2 ** 63, size=len(shards))]
@@ -80,18 +88,17 @@ class ShardedBackward:
                 outputs = loss_of(shard)
             return outputs, grad(outputs[0], params, allow_unused=True) if _worth_differentiating(outputs[0]) else None
 
-        with cpu.blas_threads(self.blas_threads_per_shard):
-            if profiler.is_active():
-                results = [run(shard, generator) for shard, generator in zip(shards, own_generators)]
-            else:
-                # Each shard runs in a copy of the caller's context, so settings such as NumPy's errstate carry over.
-                pending = [self._pool.submit(contextvars.copy_context().run, run, shard, generator)
-                           for shard, generator in zip(shards[1:], own_generators[1:])]
-                try:
-                    first = run(shards[0], own_generators[0])
-                finally:  # never leave a shard running past this call, even on an error or Ctrl-C
-                    wait(pending)
-                results = [first] + [job.result() for job in pending]
+        if profiler.is_active():
+            results = [run(shard, generator) for shard, generator in zip(shards, own_generators)]
+        else:
+            # Each shard runs in a copy of the caller's context, so settings such as NumPy's errstate carry over.
+            pending = [self._pool.submit(contextvars.copy_context().run, run, shard, generator)
+                       for shard, generator in zip(shards[1:], own_generators[1:])]
+            try:
+                first = run(shards[0], own_generators[0])
+            finally:  # never leave a shard running past this call, even on an error or Ctrl-C
+                wait(pending)
+            results = [first] + [job.result() for job in pending]
         if all(grads is not None for _, grads in results):
             self._accumulate(params, [grads for _, grads in results])
         return [outputs for outputs, _ in results]
