@@ -125,10 +125,10 @@ def settings_from(args, saved=None, parser=None):
     else:
         if "warmup" not in given:
             given["warmup"] = default_warmup(given.get("steps", DEFAULTS.steps))
-        if given.get("task") == "lookup" and "vocab" not in given:  # enough distinct keys for the longest sources
-            given["vocab"] = max(DEFAULTS.vocab, lookup_vocab(given.get("max_len", DEFAULTS.max_len)))
-        if given.get("task") == "lookup" and given.get("model", DEFAULTS.model) == "transformer" and "positional" not in given:
-            given["positional"] = "rope"  # with learned positions the encoder-decoder never learns it (docs/training.md)
+        if given.get("task") == "lookup":
+            given.setdefault("vocab", max(DEFAULTS.vocab, lookup_vocab(given.get("max_len", DEFAULTS.max_len))))  # enough keys
+            if given.get("model", DEFAULTS.model) == "transformer":  # with learned positions it never learns lookup
+                given.setdefault("positional", "rope")
     config = config.replace(**given)
     try:
         config.check(flag_name)
