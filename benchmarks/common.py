@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import numpy  # noqa: E402  (host-side GEMM reference and version only; tensors go through tinyattn)
+import numpy  # noqa: E402  (its version, for the record of the machine; tensors go through tinyattn)
 
 import tinyattn as ta  # noqa: E402
 from tinyattn.cpu import blas_kernels, tune_allocator  # noqa: E402
@@ -206,20 +206,3 @@ def training_step_flops(batch, config, vocab_size):
     (the backward computes a gradient for each of the two operands of every product)."""
     (B, S), T = batch.source.shape, batch.decoder_input.shape[1]
     return 3 * seq2seq_forward_flops(B, S, T, config, vocab_size)
-
-
-class GemmProbe:
-    """NumPy's float32 n x n @ n x n rate in GFLOP/s, one sample per call: `repeats` products into a fixed output."""
-
-    def __init__(self, n, repeats, seed=0):
-        rng = numpy.random.default_rng(seed)
-        self.n, self.repeats = n, repeats
-        self.a, self.b = (rng.standard_normal((n, n), dtype=numpy.float32) for _ in range(2))
-        self.out = numpy.empty((n, n), dtype=numpy.float32)
-        numpy.matmul(self.a, self.b, out=self.out)
-
-    def sample(self):
-        start = time.perf_counter()
-        for _ in range(self.repeats):
-            numpy.matmul(self.a, self.b, out=self.out)
-        return 2 * self.n ** 3 * self.repeats / (time.perf_counter() - start) / 1e9

@@ -1,10 +1,11 @@
-"""A PyTorch twin of models/transformer.py's Seq2SeqTransformer, for fair speed comparisons.
+"""PyTorch twins of models/transformer.py's Seq2SeqTransformer and models/gpt.py's
+DecoderOnlyTransformer, for fair speed comparisons.
 
-    python benchmarks/twin.py          check the twin against tinyattn: logits, loss, gradients, decoding
+    python benchmarks/twin.py          check the twins against tinyattn: logits, loss, gradients, decoding
 
 Same architecture, layer by layer, and the same parameter names, so a tinyattn
-state_dict loads into it (`Seq2SeqTwin.from_tinyattn(model)`) and both sides can start
-from identical weights. Only imported where torch is installed; the benchmarks check
+state_dict loads into either (`twin_of(model)`) and both sides can start from identical
+weights. Only imported where torch is installed; the benchmarks check
 first and skip the PyTorch side otherwise.
 """
 import math
@@ -56,8 +57,8 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.feed_forward = FeedForward(d_model, d_ff)
 
-    def forward(self, x, mask):
-        x = x + self.self_attn(self.norm1(x), mask=mask)
+    def forward(self, x, mask=None, causal=False):
+        x = x + self.self_attn(self.norm1(x), mask=mask, causal=causal)
         return x + self.feed_forward(self.norm2(x))
 
 
@@ -79,9 +80,9 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(layer_class(d_model, n_heads, d_ff) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x, *args):
+    def forward(self, x, *args, **kwargs):
         for layer in self.layers:
-            x = layer(x, *args)
+            x = layer(x, *args, **kwargs)
         return self.norm(x)
 
 
@@ -117,14 +118,10 @@ class Seq2SeqTwin(nn.Module):
     @classmethod
     def from_tinyattn(cls, model):
         """A twin holding a copy of a tinyattn Seq2SeqTransformer's weights."""
-        layers = lambda stack: len(stack.layers)
-        attention = model.encoder.layers[0].self_attn
-        twin = cls(model.vocab_size, model.d_model, attention.n_heads, layers(model.encoder), layers(model.decoder),
-                   model.encoder.layers[0].feed_forward.linear1.out_features, model.max_len)
-        state = {name: torch.from_numpy(array.copy()) for name, array in
-                 ((name, tensor.numpy()) for name, tensor in model.named_parameters())}
-        twin.load_state_dict(state, strict=True)
-        return twin
+        layer = model.encoder.layers[0]
+        twin = cls(model.vocab_size, model.d_model, layer.self_attn.n_heads, len(model.encoder.layers),
+                   len(model.decoder.layers), layer.feed_forward.linear1.out_features, model.max_len)
+        return _load_weights(twin, model)
 
     def encode(self, source):
         mask = (source != PAD)[:, None, None, :]
@@ -163,10 +160,63 @@ class Seq2SeqTwin(nn.Module):
         return [row[:row.index(EOS) + 1] if EOS in row else row for row in rows]
 
 
+class GPTTwin(nn.Module):
+    """Token embedding + learned positions, a causal pre-LN stack with a final norm, head:
+    models/gpt.py's DecoderOnlyTransformer with learned positions."""
+
+    def __init__(self, vocab_size, d_model=64, n_heads=4, num_layers=2, d_ff=256, max_len=64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.position = LearnedPositions(max_len, d_model)
+        self.blocks = Stack(EncoderLayer, num_layers, d_model, n_heads, d_ff)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    @classmethod
+    def from_tinyattn(cls, model):
+        """A twin holding a copy of a tinyattn DecoderOnlyTransformer's weights."""
+        layer = model.blocks.layers[0]
+        twin = cls(model.vocab_size, model.d_model, layer.self_attn.n_heads, len(model.blocks.layers),
+                   layer.feed_forward.linear1.out_features, model.max_len)
+        return _load_weights(twin, model)
+
+    def forward(self, tokens):
+        # Padding sits after each row's last token, so the causal mask alone keeps real tokens from it.
+        return self.head(self.blocks(self.position(self.embed(tokens)), causal=True))
+
+    def loss(self, tokens, labels):
+        logits = self(tokens)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=PAD)
+
+
+def _load_weights(twin, model):
+    """The twin with a copy of the tinyattn model's parameters (the names match one for one)."""
+    twin.load_state_dict({name: torch.from_numpy(tensor.numpy().copy()) for name, tensor in model.named_parameters()},
+                         strict=True)
+    return twin
+
+
+def twin_of(model):
+    """The PyTorch twin of a tinyattn Seq2SeqTransformer or DecoderOnlyTransformer, with its weights."""
+    from models import DecoderOnlyTransformer
+    return (GPTTwin if isinstance(model, DecoderOnlyTransformer) else Seq2SeqTwin).from_tinyattn(model)
+
+
+def _long(tensor):
+    return torch.from_numpy(tensor.numpy().astype("int64", copy=True))
+
+
 def batch_tensors(batch):
     """(source, decoder_input, labels) of a tinyattn.tasks.Batch as int64 torch tensors."""
-    return tuple(torch.from_numpy(tensor.numpy().astype("int64", copy=True)) for tensor in
-                 (batch.source, batch.decoder_input, batch.labels))
+    return tuple(_long(tensor) for tensor in (batch.source, batch.decoder_input, batch.labels))
+
+
+def loss_inputs(twin, batch):
+    """What twin.loss takes for a tinyattn.tasks.Batch: the encoder-decoder's (source, decoder
+    input, labels), or the decoder-only model's (tokens, labels) as models.gpt lays them out."""
+    if isinstance(twin, GPTTwin):
+        from models.gpt import language_model_batch
+        return tuple(_long(tensor) for tensor in language_model_batch(batch))
+    return batch_tensors(batch)
 
 
 def warmup_cosine_factor(warmup_steps, total_steps):
@@ -183,8 +233,28 @@ def warmup_cosine_factor(warmup_steps, total_steps):
     return factor
 
 
+def first_step_differences(model, twin, batch):
+    """One forward and backward of the same batch on both: (max |logit difference|, max relative
+    gradient difference, tinyattn's loss, the twin's loss)."""
+    from tinyattn.functional import cross_entropy
+    logits, labels = model.forward_batch(batch)
+    loss = cross_entropy(logits, labels, ignore_index=PAD)
+    loss.backward()
+    inputs = loss_inputs(twin, batch)
+    twin_logits = twin(*inputs[:-1])
+    twin_loss = F.cross_entropy(twin_logits.reshape(-1, twin_logits.shape[-1]), inputs[-1].reshape(-1), ignore_index=PAD)
+    twin_loss.backward()
+    twin_params = dict(twin.named_parameters())
+    # relative to each gradient's size; the floor keeps the k-projection biases' gradients, zero
+    # in exact arithmetic (softmax ignores a shift shared by a row's scores), from dividing noise by noise
+    grad_error = max(float((twin_params[name].grad - torch.from_numpy(p.grad.numpy())).abs().max()
+                           / max(float(twin_params[name].grad.abs().max()), 1e-4)) for name, p in model.named_parameters())
+    logit_error = float((twin_logits.detach() - torch.from_numpy(logits.numpy())).abs().max())
+    return logit_error, grad_error, loss.item(), twin_loss.item()
+
+
 def main():
-    """Load tinyattn's initial weights into the twin and compare forward, loss, gradients and decoding."""
+    """Load tinyattn's initial weights into the twins and compare forward, loss, gradients and decoding."""
     from models import build_model
     from tinyattn import optim
     from tinyattn.functional import cross_entropy
@@ -195,20 +265,10 @@ def main():
     model = build_model(config, task.vocab_size)
     twin = Seq2SeqTwin.from_tinyattn(model)
     batch = next(task.batches(config.batch_size, config.seed))
-    source, decoder_input, labels = batch_tensors(batch)
-
-    logits, tinyattn_labels = model.forward_batch(batch)
-    loss = cross_entropy(logits, tinyattn_labels, ignore_index=PAD)
-    loss.backward()
-    twin_logits = twin(source, decoder_input)
-    twin_loss = F.cross_entropy(twin_logits.reshape(-1, twin_logits.shape[-1]), labels.reshape(-1), ignore_index=PAD)
-    twin_loss.backward()
+    logit_error, grad_error, loss, twin_loss = first_step_differences(model, twin, batch)
+    gpt_model = build_model(config.replace(model="gpt"), task.vocab_size)
+    gpt_logit_error, gpt_grad_error, _, _ = first_step_differences(gpt_model, twin_of(gpt_model), batch)
     twin_params = dict(twin.named_parameters())
-    # relative to each gradient's size; the floor keeps the k-projection biases' gradients, zero
-    # in exact arithmetic (softmax ignores a shift shared by a row's scores), from dividing noise by noise
-    grad_error = max(float((twin_params[name].grad - torch.from_numpy(p.grad.numpy())).abs().max()
-                           / max(float(twin_params[name].grad.abs().max()), 1e-4)) for name, p in model.named_parameters())
-    logit_error = float((twin_logits.detach() - torch.from_numpy(logits.numpy())).abs().max())
 
     # a few identical Adam steps with the same schedule keep both in step
     tiny_opt = optim.Adam(model.parameters(), lr=config.lr)
@@ -236,20 +296,23 @@ def main():
     twin_rows = twin.greedy_decode(batch_tensors(eval_batch)[0], task.max_len + 1)
     same_rows = sum(a == b for a, b in zip(tiny_rows, twin_rows))
 
-    figures = {"max_abs_logit_difference": logit_error, "loss_tinyattn": loss.item(), "loss_torch": twin_loss.item(),
-               "max_relative_gradient_difference": grad_error, "lr_after_20_steps_equal": lr_match,
+    figures = {"max_abs_logit_difference": logit_error, "loss_tinyattn": loss, "loss_torch": twin_loss,
+               "max_relative_gradient_difference": grad_error, "gpt_max_abs_logit_difference": gpt_logit_error,
+               "gpt_max_relative_gradient_difference": gpt_grad_error, "lr_after_20_steps_equal": lr_match,
                "max_abs_weight_difference_after_20_adam_steps": weight_error,
                "identical_greedy_rows_after_20_steps": f"{same_rows}/{len(tiny_rows)}"}
     common.write_results("twin", machine, {"config": config.to_dict(), "batch_shape": list(batch.source.shape)}, figures)
-    print("\nPyTorch twin vs tinyattn, same initial weights and batches (reference config)")
+    print("\nPyTorch twins vs tinyattn, same initial weights and batches (reference config; gpt: --model gpt)")
     common.table(["check", "value"], [
         ["max |logits difference|", f"{logit_error:.2e}"],
-        ["loss tinyattn / torch", f"{loss.item():.6f} / {twin_loss.item():.6f}"],
+        ["loss tinyattn / torch", f"{loss:.6f} / {twin_loss:.6f}"],
         ["max relative gradient difference", f"{grad_error:.2e}"],
+        ["gpt: max |logits difference|", f"{gpt_logit_error:.2e}"],
+        ["gpt: max relative gradient difference", f"{gpt_grad_error:.2e}"],
         ["lr equal after 20 scheduled steps", str(lr_match)],
         ["max |weight difference| after 20 Adam steps", f"{weight_error:.2e}"],
         ["identical greedy rows", figures["identical_greedy_rows_after_20_steps"]]])
-    return 0 if logit_error < 1e-3 and grad_error < 1e-2 and lr_match else 1
+    return 0 if max(logit_error, gpt_logit_error) < 1e-3 and max(grad_error, gpt_grad_error) < 1e-2 and lr_match else 1
 
 
 if __name__ == "__main__":

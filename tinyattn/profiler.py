@@ -15,12 +15,23 @@ rest is NumPy's elementwise work plus Python (model code, the engine, the optimi
 """
 import atexit
 import contextlib
+import math
 import os
 import sys
 import time
 from collections import defaultdict
 
 from . import backend, engine
+
+
+def matmul_flops(a_shape, b_shape):
+    """Floating-point operations (2 per multiply-add) of a @ b for operands of these shapes,
+    stacked (batched) products and matrix-vector products included."""
+    m = a_shape[-2] if len(a_shape) > 1 else 1
+    n = b_shape[-1] if len(b_shape) > 1 else 1
+    k = a_shape[-1]
+    stacked = max(math.prod(a_shape[:-2]), math.prod(b_shape[:-2]))
+    return 2.0 * stacked * m * k * n
 
 
 class Profile:
@@ -51,12 +62,9 @@ class Profile:
             self.depth -= 1
 
     def observe_gemm(self, a, b, seconds):
-        m = a.shape[-2] if a.ndim > 1 else 1
-        n = b.shape[-1] if b.ndim > 1 else 1
-        batch = max(a.size // max(m * a.shape[-1], 1), b.size // max(b.shape[0 if b.ndim == 1 else -2] * n, 1))
         self.gemm[0] += 1
         self.gemm[1] += seconds
-        self.gemm[2] += 2.0 * batch * m * a.shape[-1] * n
+        self.gemm[2] += matmul_flops(a.shape, b.shape)
 
     def wall(self):
         return (self.stopped or time.perf_counter()) - self.started
