@@ -50,10 +50,12 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 # Fewer rows than this per thread, and a part's fixed cost per step (Python building and
 # walking the graph, dispatching each op), which threads take turns at, outweighs what the
-# second core saves. `python benchmarks/threads.py` on the 2-core machine, 2 threads' step
-# time over 1 thread's: transformer 0.91 at batch 64, 0.98 at 48, 1.07 at 32; gpt 0.76 at
-# 64, 1.04 at 32; the GRU models, a long chain of small per-token ops, 1.74 at 64, 0.93 at 256.
-MIN_ROWS_PER_THREAD = {"transformer": 32, "gpt": 32, "rnn": 128, "rnn-attention": 128}
+# second core saves. Since the fused blocks compute token rows alone (kernels.sublayer),
+# a transformer's batch holds about half the work it did, and on the 2-core Intel Xeon
+# (OpenBLAS's SkylakeX kernels) 2 threads' step time over 1 thread's was 1.13 at batch 64,
+# 0.77 at 128, 0.60 at 256 (pairwise, the two step alternately in one process); gpt 0.82 at 64;
+# the GRU models, a long chain of small per-token ops, 1.74 at 64, 0.93 at 256.
+MIN_ROWS_PER_THREAD = {"transformer": 64, "gpt": 32, "rnn": 128, "rnn-attention": 128}
 
 
 def shards_for(config):

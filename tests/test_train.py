@@ -205,16 +205,16 @@ def test_two_threads_train_as_one_does_up_to_rounding(tmp_path):
 
 
 @pytest.mark.parametrize("settings, threads", [
-    ({}, 2), ({"batch_size": 32}, 1), ({"model": "gpt"}, 2), ({"model": "rnn-attention"}, 1),
-    ({"model": "rnn", "batch_size": 256}, 2), ({"dropout": 0.1}, 2), ({"threads": 1}, 1), ({"threads": 3, "batch_size": 16}, 3)])
+    ({}, 1), ({"batch_size": 128}, 2), ({"model": "gpt"}, 2), ({"model": "gpt", "batch_size": 32}, 1),
+    ({"model": "rnn-attention"}, 1), ({"model": "rnn", "batch_size": 256}, 2), ({"dropout": 0.1, "batch_size": 128}, 2), ({"threads": 1}, 1), ({"threads": 3, "batch_size": 16}, 3)])
 def test_default_threads_go_where_they_pay(monkeypatch, settings, threads):
     monkeypatch.setattr(training, "default_shards", lambda device: 2)  # a 2-core CPU whose BLAS threads can be set
     assert shards_for(Config(**settings)) == threads
 
 
 @pytest.mark.parametrize("cores, settings, shards, blas_threads", [
-    (2, {}, 2, 1), (2, {"model": "rnn-attention"}, 1, 1), (2, {"threads": 1}, 1, 1), (2, {"batch_size": 32}, 1, 1),
-    (8, {}, 2, 4), (8, {"threads": 3, "batch_size": 16}, 3, 1), (8, {"model": "rnn"}, 1, 1), (8, {"threads": 1}, 1, 1)])
+    (2, {"batch_size": 128}, 2, 1), (2, {"model": "rnn-attention"}, 1, 1), (2, {"threads": 1}, 1, 1), (2, {}, 1, 1),
+    (8, {"model": "gpt"}, 2, 4), (8, {"threads": 3, "batch_size": 16}, 3, 1), (8, {"model": "rnn"}, 1, 1), (8, {"threads": 1}, 1, 1)])
 def test_each_step_thread_runs_blas_on_its_share_of_the_cores(monkeypatch, cores, settings, shards, blas_threads):
     monkeypatch.setattr(training, "default_shards", lambda device: 2)
     monkeypatch.setattr(training.cpu, "core_count", lambda: cores)

@@ -215,6 +215,10 @@ def is_floating(dtype):
     return numpy.dtype(dtype).kind == "f"
 
 
+def is_integer(dtype):
+    return numpy.dtype(dtype).kind in "iu"
+
+
 def as_dtype(dtype):
     return numpy.dtype(dtype)
 

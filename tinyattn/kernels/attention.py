@@ -29,7 +29,7 @@ from .dropout import dropout_mask
 from .deferred import DeferredBlockOutput
 from .layer_norm import DeferredLayerNorm
 from .softmax import softmax
-from .sublayer import FusedSublayer
+from .sublayer import FusedSublayer, checked_token_rows, put_rows, take_rows
 
 
 def attention_mask(mask, causal, query_length, key_length, like, weights_shape=None):
@@ -282,10 +282,15 @@ class FusedMultiHeadAttention(FusedSublayer):
     is added to the output in place. A cache (see multi_head_attention_composed) is for
     decoding, under no_grad. rotary turns the queries and the new keys (rotate) after the
     projection, and backward turns their gradients back; score_bias joins the mask's bias.
+    token_rows and context_rows: index arrays of the rows of x and of the context that hold
+    tokens, or None for all (kernels.sublayer). Only those rows are normalised and
+    projected; the queries, keys and values of padding rows are zeros, which attention
+    masks as keys or whose outputs no token row reads.
     """
 
     def forward(self, x, context, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
-                norm_weight, norm_bias, residual, *, heads, norm_eps, allowed, keep_scale, cache, rotary, score_bias):
+                norm_weight, norm_bias, residual, *, heads, norm_eps, allowed, keep_scale, cache, rotary, score_bias,
+                token_rows=None, context_rows=None):
         xp = self.xp
         self.cross = context is not None
         batch, length, d_model = x.shape
@@ -295,13 +300,14 @@ class FusedMultiHeadAttention(FusedSublayer):
         x_side = (q_weight,) if self.cross else (q_weight, k_weight, v_weight)
         w_x = x_side[0] if self.cross else xp.concatenate(x_side)
         b_x = _stacked_biases(xp, (q_bias,) if self.cross else (q_bias, k_bias, v_bias), d_model, x.dtype)
-        rows_in, w_x_used, b_x = self._input_rows(x2, w_x, b_x, norm_weight, norm_bias, norm_eps)
+        rows_in, w_x_used, b_x = self._input_rows(x2, w_x, b_x, norm_weight, norm_bias, norm_eps, token_rows)
         # 1/sqrt(d) goes into the q rows of the small weight matrix, not over the big q.
         self.row_scale = xp.ones(w_x_used.shape[0], dtype=x.dtype)
         self.row_scale[:d_model] = 1.0 / math.sqrt(d_model // heads)
         self.w_x_used = w_x_used * self.row_scale[:, None]
         projected = matmul(rows_in, self.w_x_used.T)
         projected += b_x * self.row_scale
+        projected = self._all_rows(projected)
         q_scaled = _heads_view(projected[:, :d_model], batch, length, heads)
         if rotary is not None:
             q_scaled = rotate(q_scaled, *rotary[0])
@@ -310,10 +316,12 @@ class FusedMultiHeadAttention(FusedSublayer):
             k, v = cache["k"].data, cache["v"].data
         else:
             if self.cross:
-                c2 = context.reshape(-1, d_model)
+                self.context_rows, self.context_count = context_rows, context.shape[0] * context.shape[1]
+                c2 = take_rows(context.reshape(-1, d_model), context_rows)
                 self.w_kv = xp.concatenate([k_weight, v_weight])
                 kv2 = matmul(c2, self.w_kv.T)
                 kv2 += _stacked_biases(xp, (k_bias, v_bias), d_model, x.dtype)
+                kv2 = put_rows(xp, kv2, context_rows, self.context_count)
             else:
                 kv2 = projected[:, d_model:]
             source_length = kv2.shape[0] // batch
@@ -331,10 +339,11 @@ class FusedMultiHeadAttention(FusedSublayer):
         merged = xp.empty((batch * length, d_model), dtype=x.dtype)
         _, weights, attended = attention_forward(xp, q_scaled, k_t, v, allowed, mask_bias, keep_scale,
                                                  out=_heads_view(merged, batch, length, heads))
+        merged = self._token_rows_of(merged)
         y = matmul(merged, out_weight.T)
         if out_bias is not None:
             y += out_bias
-        self._add_residual(y, x, residual)
+        y = self._add_residual(y, x, residual)
         self.saved = (rows_in, c2, q_scaled, k, v, weights, attended, merged, keep_scale, out_weight)
         self.rotary = rotary
         self.has_bias = tuple(b is not None for b in (q_bias, k_bias, v_bias, out_bias))
@@ -344,14 +353,16 @@ class FusedMultiHeadAttention(FusedSublayer):
         rows.refuse_create_graph("fused multi-head attention")
         xp = self.xp
         rows_in, c2, q_scaled, k, v, weights, attended, merged, keep_scale, out_weight = self.saved
-        g2 = _zeros_for_missing(xp, grad_out, merged.shape, merged.dtype).reshape(merged.shape)
-        grad_out_weight, grad_out_bias = matmul(g2.T, merged), rows.column_sum(xp, g2)
         batch, heads, length, _ = q_scaled.shape
         source_length, d_model = k.shape[2], merged.shape[1]
-        grad_heads_out = _heads_view(matmul(g2, out_weight), batch, length, heads)
+        g2_all = _zeros_for_missing(xp, grad_out, (self.row_count, d_model), merged.dtype).reshape(self.row_count, d_model)
+        g2 = self._token_rows_of(g2_all)
+        grad_out_weight, grad_out_bias = matmul(g2.T, merged), rows.column_sum(xp, g2)
+        grad_heads_out = _heads_view(self._all_rows(matmul(g2, out_weight)), batch, length, heads)
         # Gradients of q, k and v land side by side, as the stacked projection produced them.
-        grad_projected = xp.empty((rows_in.shape[0], d_model if self.cross else 3 * d_model), dtype=rows_in.dtype)
-        grad_kv = xp.empty((c2.shape[0], 2 * d_model), dtype=rows_in.dtype) if self.cross else grad_projected[:, d_model:]
+        grad_projected = xp.empty((self.row_count, d_model if self.cross else 3 * d_model), dtype=rows_in.dtype)
+        grad_kv = (xp.empty((batch * source_length, 2 * d_model), dtype=rows_in.dtype) if self.cross
+                   else grad_projected[:, d_model:])
         grads_into = (_heads_view(grad_projected[:, :d_model], batch, length, heads),
                       _heads_view(grad_kv[:, :d_model], batch, source_length, heads),
                       _heads_view(grad_kv[:, d_model:], batch, source_length, heads))
@@ -364,15 +375,18 @@ class FusedMultiHeadAttention(FusedSublayer):
             (q_cos, q_sin), (k_cos, k_sin) = self.rotary
             grads_into[0][...] = rotate(grad_q, q_cos, -q_sin)
             grads_into[1][...] = rotate(grad_k, k_cos, -k_sin)
+        grad_projected = self._token_rows_of(grad_projected)
         grad_rows = matmul(grad_projected, self.w_x_used)
         grad_w_x, grad_b_x = matmul(grad_projected.T, rows_in), rows.column_sum(xp, grad_projected)
         grad_w_x *= self.row_scale[:, None]  # back from the scaled q rows to the weights as given
         grad_b_x *= self.row_scale
         grad_rows, grad_w_x, grad_b_x, grad_norm_weight, grad_norm_bias, grad_residual = self._input_grads(
-            grad_rows, rows_in, grad_w_x, grad_b_x, g2)
+            grad_rows, rows_in, grad_w_x, grad_b_x, g2_all)
         grad_context = None
         if self.cross:
-            grad_context = matmul(grad_kv, self.w_kv).reshape(batch, source_length, d_model)
+            grad_kv = take_rows(grad_kv, self.context_rows)
+            grad_context = put_rows(xp, matmul(grad_kv, self.w_kv), self.context_rows,
+                                    self.context_count).reshape(batch, source_length, d_model)
             grad_w_in = xp.concatenate([grad_w_x, matmul(grad_kv.T, c2)])
             grad_b_in = xp.concatenate([grad_b_x, rows.column_sum(xp, grad_kv)])
         else:
@@ -390,7 +404,7 @@ def _records_gradients(*tensors):
 
 
 def multi_head_attention(x, projections, heads, context=None, mask=None, causal=False, dropout_p=0.0, generator=None,
-                         cache=None, need_weights=False, rotary=None, score_bias=None):
+                         cache=None, need_weights=False, rotary=None, score_bias=None, token_rows=None, context_rows=None):
     """Multi-head attention of x (B, T, d) over context (B, S, d), or over itself when context
     is None. Returns (output (B, T, d), weights (B, heads, T, S) or None); the weights carry gradient.
     rotary and score_bias bring positions in (see multi_head_attention_composed).
@@ -399,7 +413,10 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
     cache while gradients are recorded takes the composed reference (said once). When x is
     a LayerNorm's deferred output (kernels.layer_norm), the fused block folds that norm;
     without a cache or weights asked for, its output is deferred (kernels.deferred), so a
-    residual added to it is added inside the block.
+    residual added to it is added inside the block. token_rows and context_rows: integer
+    tensors of the flat indices (into batch * length) of the rows of x and of the context
+    that hold tokens; the fused block computes those alone, the composed reference every
+    row (kernels.sublayer). Padding must come after each sequence's tokens, or be masked as keys.
     """
     d_model = projections.q_weight.shape[0]
     if x.ndim != 3 or x.shape[-1] != d_model:
@@ -417,6 +434,8 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
         raise ValueError(f"a score bias of shape {score_bias.shape} must broadcast to the attention weights' shape "
                          f"(batch, heads, queries, keys) = {weights_shape}")
     keep_scale = dropout_mask(weights_shape, dropout_p, generator, x).data if dropout_p else None
+    token_rows = checked_token_rows(token_rows, x)
+    context_rows = checked_token_rows(context_rows, context) if context is not None else None
     fused = fused_selected()
     records = fused and _records_gradients(x, context, *projections)
     if records and cache is not None:
@@ -436,7 +455,8 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
     def run(residual):
         return FusedMultiHeadAttention.apply(x, context, *projections, norm_weight, norm_bias, residual, heads=heads,
                                              norm_eps=norm_eps, allowed=allowed, keep_scale=keep_scale, cache=cache,
-                                             rotary=rotary, score_bias=score_bias)
+                                             rotary=rotary, score_bias=score_bias, token_rows=token_rows,
+                                             context_rows=context_rows)
 
     if cache is not None or need_weights:  # a cache is filled, and weights are read, at once
         return run(None)

@@ -31,6 +31,10 @@ class MultiHeadAttention(Module):
     `positions` are the queries' positions and `context_positions` the context's keys'
     (tinyattn.nn.positions; None: 0, 1, ..., in self-attention after what the cache
     holds), and the cache also keeps its keys' positions.
+
+    token_rows and context_rows: integer tensors of the flat indices (into batch *
+    length) of the rows of x and of the context that hold tokens, not padding; the fused
+    block computes only those (tinyattn.kernels.sublayer).
     """
 
     def __init__(self, d_model, n_heads, bias=True, dropout=0.0, generator=None, device=None, dtype=backend.float32,
@@ -55,7 +59,7 @@ class MultiHeadAttention(Module):
         self.alibi = ALiBiPositionalBias(n_heads, device=device, dtype=dtype) if positional == "alibi" else None
 
     def forward(self, x, context=None, mask=None, causal=False, need_weights=False, cache=None, positions=None,
-                context_positions=None):
+                context_positions=None, token_rows=None, context_rows=None):
         rotary = score_bias = None
         if self.positional is not None:
             queries, keys, new_keys = self._positions(x, context, cache, positions, context_positions)
@@ -66,7 +70,8 @@ class MultiHeadAttention(Module):
         projections = AttentionProjections.of(self.q_proj, self.k_proj, self.v_proj, self.out_proj)
         return multi_head_attention(x, projections, self.n_heads, context=context, mask=mask, causal=causal,
                                     dropout_p=self.dropout if self.training else 0.0, generator=self.generator,
-                                    cache=cache, need_weights=need_weights, rotary=rotary, score_bias=score_bias)
+                                    cache=cache, need_weights=need_weights, rotary=rotary, score_bias=score_bias,
+                                    token_rows=token_rows, context_rows=context_rows)
 
     def _positions(self, x, context, cache, positions, context_positions):
         """Integer arrays (rows, length) of the queries' positions, of every key's, and of the keys this
