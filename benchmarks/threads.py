@@ -25,6 +25,7 @@ CONFIGS = [
     ("transformer, batch 32", {"batch_size": 32}, False),
     ("transformer, batch 16", {"batch_size": 16}, False),
     ("transformer, batch 256", {"batch_size": 256}, True),
+    ("transformer, d_model 128, batch 64", {"d_model": 128, "d_ff": 512}, False),
     ("gpt, batch 64", {"model": "gpt"}, False),
     ("gpt, batch 32", {"model": "gpt", "batch_size": 32}, False),
     ("rnn-attention, batch 64", {"model": "rnn-attention"}, False),

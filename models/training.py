@@ -48,23 +48,29 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT's number, as shells report it; SIGTERM en
 # Signals that finish the step, save and exit as Ctrl-C does (SIGHUP: the terminal closed; SIGTERM: kill, a job queue)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
-# Fewer rows than this per thread, and a part's fixed cost per step (Python building and
-# walking the graph, dispatching each op), which threads take turns at, outweighs what the
-# second core saves. Since the fused blocks compute token rows alone (kernels.sublayer),
-# a transformer's batch holds about half the work it did, and on the 2-core Intel Xeon
-# (OpenBLAS's SkylakeX kernels) 2 threads' step time over 1 thread's was 1.13 at batch 64,
-# 0.77 at 128, 0.60 at 256 (pairwise, the two step alternately in one process); gpt 0.82 at 64;
-# the GRU models, a long chain of small per-token ops, 1.74 at 64, 0.93 at 256.
+# Fewer sequences than this per thread, counted at width 64, and a part's fixed cost per
+# step (Python building and walking the graph, dispatching each op), which threads take
+# turns at, outweighs what the second core saves. A sequence of a wider model counts for
+# its width over 64 (one of d_model 256 counts 4): every op does that much more work for
+# the same fixed cost. Since the fused blocks compute token rows alone (kernels.sublayer),
+# a transformer's batch holds about half the work it did. On the 2-core Intel Xeon
+# (OpenBLAS's SkylakeX kernels, `python benchmarks/threads.py`: the two step alternately in
+# one process, pairwise) 2 threads' step time over 1 thread's was, for the transformer,
+# 1.08 at batch 64, 0.63 at 256, 0.78 at d_model 128 and batch 64, 0.63 for the
+# compute-bound config (d_model 256, batch 64); gpt 0.78 at 64, 1.14 at 32; rnn-attention,
+# a long chain of small per-token ops, 1.83 at 64 and 1.06 at 256 (0.93 on the AMD EPYC).
 MIN_ROWS_PER_THREAD = {"transformer": 64, "gpt": 32, "rnn": 128, "rnn-attention": 128}
+ROW_WIDTH = 64  # the width MIN_ROWS_PER_THREAD counts sequences at
 
 
 def shards_for(config):
     """The --threads setting, or its default: as many threads as the device allows
-    (tinyattn.parallel.default_shards) while each gets enough rows."""
+    (tinyattn.parallel.default_shards) while each gets enough rows (MIN_ROWS_PER_THREAD)."""
     if config.threads is not None:
         return config.threads
     most = default_shards(config.device or ta.get_default_device())
-    return most if config.batch_size >= most * MIN_ROWS_PER_THREAD[config.model] else 1
+    rows = config.batch_size * config.d_model / ROW_WIDTH
+    return most if rows >= most * MIN_ROWS_PER_THREAD[config.model] else 1
 
 
 def blas_threads_for(config, shards):

@@ -206,6 +206,7 @@ def test_two_threads_train_as_one_does_up_to_rounding(tmp_path):
 
 @pytest.mark.parametrize("settings, threads", [
     ({}, 1), ({"batch_size": 128}, 2), ({"model": "gpt"}, 2), ({"model": "gpt", "batch_size": 32}, 1),
+    ({"d_model": 256, "layers": 4, "d_ff": 1024}, 2), ({"d_model": 128}, 2), ({"d_model": 32, "batch_size": 128}, 1),
     ({"model": "rnn-attention"}, 1), ({"model": "rnn", "batch_size": 256}, 2), ({"dropout": 0.1, "batch_size": 128}, 2), ({"threads": 1}, 1), ({"threads": 3, "batch_size": 16}, 3)])
 def test_default_threads_go_where_they_pay(monkeypatch, settings, threads):
     monkeypatch.setattr(training, "default_shards", lambda device: 2)  # a 2-core CPU whose BLAS threads can be set
