@@ -7,7 +7,8 @@ same causal self-attention.
 """
 import tinyattn as ta
 from tinyattn import nn
-from tinyattn.tasks import BOS, EOS, PAD, SEP, pad, token_rows
+from tinyattn.packing import Packing
+from tinyattn.tasks import BOS, EOS, PAD, SEP, pad
 
 from .decoding import greedy_loop
 from .transformer import (DECODING_POSITIONS_SEED, attention_positional, draw_positions, embed_with_positions,
@@ -41,22 +42,24 @@ class DecoderOnlyTransformer(nn.Module):
                                  generator=self.generator, device=device, positional=attention_positional(positional))
         self.head = nn.Linear(d_model, vocab_size, generator=self.generator, device=device)
 
-    def forward(self, tokens, need_weights=False, cache=None, offset=0, positions=None, rows=None):
+    def forward(self, tokens, need_weights=False, cache=None, offset=0, positions=None, packing=None):
         """Next-token logits (B, T, vocab) and, on request, each layer's self-attention weights.
-        positions: None for offset, offset + 1, ...; else an integer tensor (B, T). rows
-        (tasks.token_rows): where tokens holds tokens; the fused blocks compute only those
-        rows (tinyattn.nn.transformer), so logits at padding positions are not the model's."""
-        hidden, weights = self.blocks(embed_with_positions(self, tokens, offset, positions), need_weights=need_weights,
-                                      causal=True, cache=cache, positions=positions, token_rows=rows)
+        positions: None for offset, offset + 1, ...; else an integer tensor (B, T). packing
+        (tinyattn.packing.Packing): where tokens holds tokens; with it no layer computes a
+        padding row, and the logits are packed, (tokens, vocab)."""
+        x = embed_with_positions(self, tokens, offset, positions, packing)
+        hidden, weights = self.blocks(x, need_weights=need_weights, causal=True, cache=cache, positions=positions,
+                                      packing=packing)
         return self.head(hidden), weights
 
     def forward_batch(self, batch):
-        """Logits and labels of a tasks.Batch (language_model_batch), the fused blocks computing
-        only the token rows: the loss ignores the padding's logits."""
+        """Logits and labels of a tasks.Batch (language_model_batch), packed to the token rows
+        (tinyattn.packing), so that no padding is computed: (tokens, vocab) and (tokens,)."""
         inputs, labels = language_model_batch(batch, device=batch.source.device)
         lengths = [len(source) + len(target) + 2 for source, target in zip(batch.sources, batch.targets)]
         positions = draw_positions(self, lengths, inputs.shape[1], inputs.device, training_generator(self))
-        return self(inputs, positions=positions, rows=token_rows(lengths, inputs.shape[1], inputs.device))[0], labels
+        packing = Packing.of_lengths(lengths, inputs.shape[1], inputs.device)
+        return self(inputs, positions=positions, packing=packing)[0], packing.pack(labels)
 
     @ta.no_grad()
     def greedy_decode(self, source, max_new_tokens, use_cache=True, need_weights=False):

@@ -13,7 +13,8 @@ sequence's positions are a sorted random subset of 0..max_len-1, in training and
 import tinyattn as ta
 from tinyattn import nn
 from tinyattn.creation import shard_generator
-from tinyattn.tasks import PAD, token_rows
+from tinyattn.packing import Packing
+from tinyattn.tasks import PAD
 
 from .config import POSITIONAL
 from .decoding import decode_from_bos
@@ -45,10 +46,13 @@ def attention_positional(kind):
     return kind if kind in IN_ATTENTION else None
 
 
-def embed_with_positions(model, tokens, offset=0, positions=None):
-    """The tokens' embeddings, plus the model's positional encoding where it adds one."""
+def embed_with_positions(model, tokens, offset=0, positions=None, packing=None):
+    """The tokens' embeddings, plus the model's positional encoding where it adds one; packed
+    to the token rows (tinyattn.packing) when a packing is given."""
     x = model.embed(tokens)
-    return x if model.position is None else model.position(x, offset=offset, positions=positions)
+    if model.position is not None:
+        x = model.position(x, offset=offset, positions=positions)
+    return x if packing is None else packing.pack(x)
 
 
 def draw_positions(model, lengths, width, device, generator):
@@ -83,49 +87,53 @@ class Seq2SeqTransformer(nn.Module):
         self.decoder = nn.Decoder(decoder_layers, d_model, n_heads, d_ff, **stack)
         self.head = nn.Linear(d_model, vocab_size, generator=generator, device=device)
 
-    def encode(self, source, need_weights=False, positions=None, token_rows=None):
-        """Encoder states (B, S, d_model), the key padding mask and, on request, self-attention weights."""
+    def encode(self, source, need_weights=False, positions=None, packing=None):
+        """Encoder states (B, S, d_model), packed (source tokens, d_model) with a packing (tinyattn.packing),
+        the key padding mask and, on request, self-attention weights."""
         mask = key_padding_mask(source)
-        memory, weights = self.encoder(embed_with_positions(self, source, positions=positions), mask=mask,
-                                       need_weights=need_weights, positions=positions, token_rows=token_rows)
+        x = embed_with_positions(self, source, positions=positions, packing=packing)
+        memory, weights = self.encoder(x, mask=mask, need_weights=need_weights, positions=positions, packing=packing)
         return memory, mask, weights
 
     def decode(self, decoder_input, memory, memory_mask, need_weights=False, cache=None, offset=0, positions=None,
-               memory_positions=None, token_rows=None, memory_rows=None):
-        """Logits (B, T, vocab) for each decoder position; with a cache, only the new positions are fed."""
-        x = embed_with_positions(self, decoder_input, offset, positions)
+               memory_positions=None, packing=None, memory_packing=None):
+        """Logits (B, T, vocab) for each decoder position, packed (target tokens, vocab) with a packing;
+        with a cache, only the new positions are fed. memory_packing: the memory's, when it is packed."""
+        x = embed_with_positions(self, decoder_input, offset, positions, packing)
         hidden, weights = self.decoder(x, memory, memory_mask=memory_mask, need_weights=need_weights, cache=cache,
-                                       positions=positions, memory_positions=memory_positions, token_rows=token_rows,
-                                       memory_rows=memory_rows)
+                                       positions=positions, memory_positions=memory_positions, packing=packing,
+                                       memory_packing=memory_packing)
         return self.head(hidden), weights
 
     def forward(self, source, decoder_input, need_weights=False, source_positions=None, target_positions=None,
-                source_rows=None, target_rows=None):
+                source_packing=None, target_packing=None):
         """Teacher-forced logits (B, T, vocab), and the attention weights when need_weights=True:
         {'encoder': [per layer (B, h, S, S)], 'decoder': [per layer {'self': ..., 'cross': (B, h, T, S)}]}.
-        Positions: None for 0, 1, 2, ...; else integer tensors (B, S) and (B, T). source_rows and
-        target_rows (tasks.token_rows): where the two hold tokens; the fused blocks compute only
-        those rows (tinyattn.nn.transformer), so logits at padding positions are not the model's."""
-        memory, mask, encoder_weights = self.encode(source, need_weights, source_positions, source_rows)
+        Positions: None for 0, 1, 2, ...; else integer tensors (B, S) and (B, T). source_packing and
+        target_packing (tinyattn.packing.Packing): where the two hold tokens; with them no layer
+        computes a padding row, and the logits are packed, (target tokens, vocab)."""
+        memory, mask, encoder_weights = self.encode(source, need_weights, source_positions, source_packing)
         logits, decoder_weights = self.decode(decoder_input, memory, mask, need_weights, positions=target_positions,
-                                              memory_positions=source_positions, token_rows=target_rows,
-                                              memory_rows=source_rows)
+                                              memory_positions=source_positions, packing=target_packing,
+                                              memory_packing=source_packing)
         return logits, ({"encoder": encoder_weights, "decoder": decoder_weights} if need_weights else None)
 
     def forward_batch(self, batch):
-        """Logits and labels of a tasks.Batch, for the loss: (B, T, vocab) and (B, T). Randomized
-        positions are one draw per row, the source taking the first of the target's. Only the
-        token rows are computed by the fused blocks: the loss ignores the padding's logits."""
+        """Logits and labels of a tasks.Batch's target tokens, for the loss: (tokens, vocab) and
+        (tokens,), source and target packed (tinyattn.packing), so that no padding is computed.
+        Randomized positions are one draw per row, the source taking the first of the target's."""
         source_length, target_length = batch.source.shape[1], batch.decoder_input.shape[1]
         device = batch.source.device
-        rows = dict(source_rows=token_rows([len(source) for source in batch.sources], source_length, device),
-                    target_rows=token_rows([len(target) + 1 for target in batch.targets], target_length, device))
+        rows = dict(source_packing=Packing.of_lengths([len(source) for source in batch.sources], source_length, device),
+                    target_packing=Packing.of_lengths([len(target) + 1 for target in batch.targets], target_length,
+                                                      device))
+        labels = rows["target_packing"].pack(batch.labels)
         lengths = [max(len(source), len(target) + 1) for source, target in zip(batch.sources, batch.targets)]
         drawn = draw_positions(self, lengths, max(source_length, target_length), device, training_generator(self))
         if drawn is None:
-            return self(batch.source, batch.decoder_input, **rows)[0], batch.labels
+            return self(batch.source, batch.decoder_input, **rows)[0], labels
         return self(batch.source, batch.decoder_input, source_positions=drawn[:, :source_length],
-                    target_positions=drawn[:, :target_length], **rows)[0], batch.labels
+                    target_positions=drawn[:, :target_length], **rows)[0], labels
 
     @ta.no_grad()
     def greedy_decode(self, source, max_new_tokens, use_cache=True, need_weights=False):

@@ -536,6 +536,32 @@ class ScatterAdd(Function):
         return grad[self.index]
 
 
+class TakeRows(Function):
+    """The rows of x at `rows`, distinct indices in increasing order: a padded batch's token rows
+    packed together (tinyattn.packing). Its gradient puts them back, with no sum to make."""
+
+    def forward(self, x, rows):
+        self.rows = rows
+        return x[rows]
+
+    def backward(self, grad):
+        return PutRows.apply(grad, rows=self.rows, count=self.inputs[0].shape[0])
+
+
+class PutRows(Function):
+    """`count` rows of zeros with x's rows written at `rows` (distinct): packed rows back in
+    their padded layout (tinyattn.packing). Its gradient takes those rows again."""
+
+    def forward(self, x, rows, count):
+        self.rows = rows
+        out = self.xp.zeros((count,) + x.shape[1:], dtype=x.dtype)
+        out[rows] = x
+        return out
+
+    def backward(self, grad):
+        return TakeRows.apply(grad, rows=self.rows)
+
+
 class Concatenate(Function):
     def forward(self, *arrays, axis):
         self.axis = axis

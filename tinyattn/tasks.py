@@ -205,14 +205,6 @@ def pad(rows, value=PAD, device=None):
     return Tensor([row + [value] * (width - len(row)) for row in rows], dtype=backend.int64, device=device)
 
 
-def token_rows(lengths, width, device=None):
-    """The flat indices, into len(lengths) * width, of each row's first `length` positions: where
-    a batch padded after its tokens (as pad makes it) holds tokens. Made from the lengths on the
-    host, so nothing is read back from a device (tinyattn.kernels.sublayer computes only these)."""
-    return Tensor([row * width + position for row, length in enumerate(lengths) for position in range(length)],
-                  dtype=backend.int64, device=device)
-
-
 def describe(ids):
     """Token ids as text: symbols shown as their index from 0, specials by name."""
     return " ".join(SPECIAL_NAMES.get(i, str(i - FIRST_SYMBOL)) for i in ids)

@@ -29,7 +29,7 @@ from .dropout import dropout_mask
 from .deferred import DeferredBlockOutput
 from .layer_norm import DeferredLayerNorm
 from .softmax import softmax
-from .sublayer import FusedSublayer, checked_token_rows, put_rows, take_rows
+from .sublayer import FusedSublayer, put_rows, take_rows
 
 
 def attention_mask(mask, causal, query_length, key_length, like, weights_shape=None):
@@ -282,32 +282,35 @@ class FusedMultiHeadAttention(FusedSublayer):
     is added to the output in place. A cache (see multi_head_attention_composed) is for
     decoding, under no_grad. rotary turns the queries and the new keys (rotate) after the
     projection, and backward turns their gradients back; score_bias joins the mask's bias.
-    token_rows and context_rows: index arrays of the rows of x and of the context that hold
-    tokens, or None for all (kernels.sublayer). Only those rows are normalised and
-    projected; the queries, keys and values of padding rows are zeros, which attention
-    masks as keys or whose outputs no token row reads.
+    packing and context_packing: the tinyattn.packing.Packing of a packed x and context (one
+    row per token), or None for padded (batch, length, d) ones. Packed, only the token rows
+    are normalised and projected; they are put into the padded layout the heads need, where
+    the queries, keys and values of padding rows are zeros, which attention masks as keys
+    or whose outputs no token row reads, and the output's token rows are taken back.
     """
 
     def forward(self, x, context, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
                 norm_weight, norm_bias, residual, *, heads, norm_eps, allowed, keep_scale, cache, rotary, score_bias,
-                token_rows=None, context_rows=None):
+                packing=None, context_packing=None):
         xp = self.xp
         self.cross = context is not None
-        batch, length, d_model = x.shape
+        d_model = x.shape[-1]
+        batch, length = (packing.batch, packing.length) if packing is not None else x.shape[:2]
+        self.token_rows, self.row_count = (None if packing is None else packing.rows.data), batch * length
         x2 = x.reshape(-1, d_model)
         # The rows the x-side projection reads, and that projection's weights (stacked q, k, v
         # for self-attention, q alone for cross-attention), with a leading norm folded in.
         x_side = (q_weight,) if self.cross else (q_weight, k_weight, v_weight)
         w_x = x_side[0] if self.cross else xp.concatenate(x_side)
         b_x = _stacked_biases(xp, (q_bias,) if self.cross else (q_bias, k_bias, v_bias), d_model, x.dtype)
-        rows_in, w_x_used, b_x = self._input_rows(x2, w_x, b_x, norm_weight, norm_bias, norm_eps, token_rows)
+        rows_in, w_x_used, b_x = self._input_rows(x2, w_x, b_x, norm_weight, norm_bias, norm_eps)
         # 1/sqrt(d) goes into the q rows of the small weight matrix, not over the big q.
         self.row_scale = xp.ones(w_x_used.shape[0], dtype=x.dtype)
         self.row_scale[:d_model] = 1.0 / math.sqrt(d_model // heads)
         self.w_x_used = w_x_used * self.row_scale[:, None]
         projected = matmul(rows_in, self.w_x_used.T)
         projected += b_x * self.row_scale
-        projected = self._all_rows(projected)
+        projected = put_rows(xp, projected, self.token_rows, self.row_count)
         q_scaled = _heads_view(projected[:, :d_model], batch, length, heads)
         if rotary is not None:
             q_scaled = rotate(q_scaled, *rotary[0])
@@ -316,12 +319,14 @@ class FusedMultiHeadAttention(FusedSublayer):
             k, v = cache["k"].data, cache["v"].data
         else:
             if self.cross:
-                self.context_rows, self.context_count = context_rows, context.shape[0] * context.shape[1]
-                c2 = take_rows(context.reshape(-1, d_model), context_rows)
+                source_length = context_packing.length if context_packing is not None else context.shape[1]
+                self.context_rows = None if context_packing is None else context_packing.rows.data
+                self.context_shape, self.context_count = context.shape, batch * source_length
+                c2 = context.reshape(-1, d_model)
                 self.w_kv = xp.concatenate([k_weight, v_weight])
                 kv2 = matmul(c2, self.w_kv.T)
                 kv2 += _stacked_biases(xp, (k_bias, v_bias), d_model, x.dtype)
-                kv2 = put_rows(xp, kv2, context_rows, self.context_count)
+                kv2 = put_rows(xp, kv2, self.context_rows, self.context_count)
             else:
                 kv2 = projected[:, d_model:]
             source_length = kv2.shape[0] // batch
@@ -339,15 +344,15 @@ class FusedMultiHeadAttention(FusedSublayer):
         merged = xp.empty((batch * length, d_model), dtype=x.dtype)
         _, weights, attended = attention_forward(xp, q_scaled, k_t, v, allowed, mask_bias, keep_scale,
                                                  out=_heads_view(merged, batch, length, heads))
-        merged = self._token_rows_of(merged)
+        merged = take_rows(merged, self.token_rows)
         y = matmul(merged, out_weight.T)
         if out_bias is not None:
             y += out_bias
         y = self._add_residual(y, x, residual)
         self.saved = (rows_in, c2, q_scaled, k, v, weights, attended, merged, keep_scale, out_weight)
-        self.rotary = rotary
+        self.rotary, self.x_shape = rotary, x.shape
         self.has_bias = tuple(b is not None for b in (q_bias, k_bias, v_bias, out_bias))
-        return y.reshape(batch, length, d_model), weights
+        return y.reshape(x.shape), weights
 
     def backward(self, grad_out, grad_weights):
         rows.refuse_create_graph("fused multi-head attention")
@@ -355,10 +360,10 @@ class FusedMultiHeadAttention(FusedSublayer):
         rows_in, c2, q_scaled, k, v, weights, attended, merged, keep_scale, out_weight = self.saved
         batch, heads, length, _ = q_scaled.shape
         source_length, d_model = k.shape[2], merged.shape[1]
-        g2_all = _zeros_for_missing(xp, grad_out, (self.row_count, d_model), merged.dtype).reshape(self.row_count, d_model)
-        g2 = self._token_rows_of(g2_all)
+        g2 = _zeros_for_missing(xp, grad_out, merged.shape, merged.dtype).reshape(merged.shape)
         grad_out_weight, grad_out_bias = matmul(g2.T, merged), rows.column_sum(xp, g2)
-        grad_heads_out = _heads_view(self._all_rows(matmul(g2, out_weight)), batch, length, heads)
+        grad_heads_out = _heads_view(put_rows(xp, matmul(g2, out_weight), self.token_rows, self.row_count),
+                                     batch, length, heads)
         # Gradients of q, k and v land side by side, as the stacked projection produced them.
         grad_projected = xp.empty((self.row_count, d_model if self.cross else 3 * d_model), dtype=rows_in.dtype)
         grad_kv = (xp.empty((batch * source_length, 2 * d_model), dtype=rows_in.dtype) if self.cross
@@ -375,25 +380,24 @@ class FusedMultiHeadAttention(FusedSublayer):
             (q_cos, q_sin), (k_cos, k_sin) = self.rotary
             grads_into[0][...] = rotate(grad_q, q_cos, -q_sin)
             grads_into[1][...] = rotate(grad_k, k_cos, -k_sin)
-        grad_projected = self._token_rows_of(grad_projected)
+        grad_projected = take_rows(grad_projected, self.token_rows)
         grad_rows = matmul(grad_projected, self.w_x_used)
         grad_w_x, grad_b_x = matmul(grad_projected.T, rows_in), rows.column_sum(xp, grad_projected)
         grad_w_x *= self.row_scale[:, None]  # back from the scaled q rows to the weights as given
         grad_b_x *= self.row_scale
         grad_rows, grad_w_x, grad_b_x, grad_norm_weight, grad_norm_bias, grad_residual = self._input_grads(
-            grad_rows, rows_in, grad_w_x, grad_b_x, g2_all)
+            grad_rows, rows_in, grad_w_x, grad_b_x, g2)
         grad_context = None
         if self.cross:
             grad_kv = take_rows(grad_kv, self.context_rows)
-            grad_context = put_rows(xp, matmul(grad_kv, self.w_kv), self.context_rows,
-                                    self.context_count).reshape(batch, source_length, d_model)
+            grad_context = matmul(grad_kv, self.w_kv).reshape(self.context_shape)
             grad_w_in = xp.concatenate([grad_w_x, matmul(grad_kv.T, c2)])
             grad_b_in = xp.concatenate([grad_b_x, rows.column_sum(xp, grad_kv)])
         else:
             grad_w_in, grad_b_in = grad_w_x, grad_b_x
         parts = [slice(part * d_model, (part + 1) * d_model) for part in range(3)]
         grad_biases = [grad_b_in[part] if has else None for part, has in zip(parts, self.has_bias)]
-        grads = (grad_rows.reshape(batch, length, d_model), grad_context,
+        grads = (grad_rows.reshape(self.x_shape), grad_context,
                  grad_w_in[parts[0]], grad_biases[0], grad_w_in[parts[1]], grad_biases[1], grad_w_in[parts[2]], grad_biases[2],
                  grad_out_weight, grad_out_bias if self.has_bias[3] else None, grad_norm_weight, grad_norm_bias, grad_residual)
         return tuple(None if g is None else constant(g) for g in grads)
@@ -403,8 +407,18 @@ def _records_gradients(*tensors):
     return is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _check_input(x, packing, d_model, what):
+    """A padded (batch, length, d_model) input, or a packed (tokens, d_model) one for its packing."""
+    if packing is None:
+        if x.ndim != 3 or x.shape[-1] != d_model:
+            raise ValueError(f"multi-head attention expects {what} of shape (batch, length, {d_model}), got {x.shape}")
+    elif x.ndim != 2 or x.shape != (packing.tokens, d_model):
+        raise ValueError(f"multi-head attention expects a packed {what} of shape (tokens={packing.tokens}, {d_model}) "
+                         f"for {packing}, got {x.shape}")
+
+
 def multi_head_attention(x, projections, heads, context=None, mask=None, causal=False, dropout_p=0.0, generator=None,
-                         cache=None, need_weights=False, rotary=None, score_bias=None, token_rows=None, context_rows=None):
+                         cache=None, need_weights=False, rotary=None, score_bias=None, packing=None, context_packing=None):
     """Multi-head attention of x (B, T, d) over context (B, S, d), or over itself when context
     is None. Returns (output (B, T, d), weights (B, heads, T, S) or None); the weights carry gradient.
     rotary and score_bias bring positions in (see multi_head_attention_composed).
@@ -413,38 +427,46 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
     cache while gradients are recorded takes the composed reference (said once). When x is
     a LayerNorm's deferred output (kernels.layer_norm), the fused block folds that norm;
     without a cache or weights asked for, its output is deferred (kernels.deferred), so a
-    residual added to it is added inside the block. token_rows and context_rows: integer
-    tensors of the flat indices (into batch * length) of the rows of x and of the context
-    that hold tokens; the fused block computes those alone, the composed reference every
-    row (kernels.sublayer). Padding must come after each sequence's tokens, or be masked as keys.
+    residual added to it is added inside the block.
+
+    packing and context_packing (tinyattn.packing.Packing): x, or the context, is packed,
+    (tokens, d), one row per token of a padded (B, T) batch; the output is then packed
+    like x. The fused block projects the token rows alone; the composed reference unpacks
+    x and the context into the padded layout, attends, and packs its output.
     """
     d_model = projections.q_weight.shape[0]
-    if x.ndim != 3 or x.shape[-1] != d_model:
-        raise ValueError(f"multi-head attention expects input of shape (batch, length, {d_model}), got {x.shape}")
-    if context is not None and (context.ndim != 3 or context.shape[-1] != d_model or context.shape[0] != x.shape[0]):
-        raise ValueError(f"context must be (batch={x.shape[0]}, length, {d_model}), got {context.shape}")
-    source_length = x.shape[1] if context is None else context.shape[1]
+    _check_input(x, packing, d_model, "input")
+    batch, length = (packing.batch, packing.length) if packing is not None else x.shape[:2]
+    if context is not None:
+        _check_input(context, context_packing, d_model, "context")
+        if (context_packing.batch if context_packing is not None else context.shape[0]) != batch:
+            raise ValueError(f"context must hold the input's batch of {batch}, got {context.shape}"
+                             + (f" packed from {context_packing}" if context_packing is not None else ""))
+    if cache is not None and (packing is not None or context_packing is not None):
+        raise ValueError("a key/value cache decodes padded (batch, length, d) inputs, not packed ones")
+    source_length = length if context is None else (
+        context_packing.length if context_packing is not None else context.shape[1])
     if cache is not None and context is None and "k" in cache:
         source_length += cache["k"].shape[2]
     elif cache is not None and "k" in cache:
         source_length = cache["k"].shape[2]
-    weights_shape = (x.shape[0], heads, x.shape[1], source_length)
-    allowed = attention_mask(mask, causal, x.shape[1], source_length, x, weights_shape)
+    weights_shape = (batch, heads, length, source_length)
+    allowed = attention_mask(mask, causal, length, source_length, x, weights_shape)
     if score_bias is not None and not _broadcasts_to(score_bias.shape, weights_shape):
         raise ValueError(f"a score bias of shape {score_bias.shape} must broadcast to the attention weights' shape "
                          f"(batch, heads, queries, keys) = {weights_shape}")
     keep_scale = dropout_mask(weights_shape, dropout_p, generator, x).data if dropout_p else None
-    token_rows = checked_token_rows(token_rows, x)
-    context_rows = checked_token_rows(context_rows, context) if context is not None else None
     fused = fused_selected()
     records = fused and _records_gradients(x, context, *projections)
     if records and cache is not None:
         composed_instead("multi-head attention", "a key/value cache while gradients are recorded")
         fused = False
     if not fused:
-        out, weights = multi_head_attention_composed(x, projections, heads, context, allowed, keep_scale, cache, rotary,
-                                                     score_bias)
-        return out, (weights if need_weights else None)
+        padded_x = x if packing is None else packing.unpack(x)
+        padded_context = context if context_packing is None else context_packing.unpack(context)
+        out, weights = multi_head_attention_composed(padded_x, projections, heads, padded_context, allowed, keep_scale,
+                                                     cache, rotary, score_bias)
+        return (out if packing is None else packing.pack(out)), (weights if need_weights else None)
     norm = x.deferred_norm() if isinstance(x, DeferredLayerNorm) else None
     if norm is not None:
         x, norm_weight, norm_bias, norm_eps = norm
@@ -455,8 +477,8 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
     def run(residual):
         return FusedMultiHeadAttention.apply(x, context, *projections, norm_weight, norm_bias, residual, heads=heads,
                                              norm_eps=norm_eps, allowed=allowed, keep_scale=keep_scale, cache=cache,
-                                             rotary=rotary, score_bias=score_bias, token_rows=token_rows,
-                                             context_rows=context_rows)
+                                             rotary=rotary, score_bias=score_bias, packing=packing,
+                                             context_packing=context_packing)
 
     if cache is not None or need_weights:  # a cache is filled, and weights are read, at once
         return run(None)

@@ -7,7 +7,7 @@
 When x is a LayerNorm's deferred output (kernels.layer_norm), the fused block normalises
 x's rows itself and folds the norm's scale and shift into the first projection; its own
 output is deferred (kernels.deferred), so a residual added to it is added inside the block.
-Given token_rows, the fused block computes those rows alone (kernels.sublayer).
+The block is position-wise: on packed rows (tinyattn.packing) it computes no padding row.
 """
 from ..backend import matmul
 from ..ops import GELU_CUBIC, GELU_SCALE, constant, linear
@@ -15,7 +15,7 @@ from . import fused_selected, rows
 from .dropout import dropout_mask
 from .deferred import DeferredBlockOutput
 from .layer_norm import DeferredLayerNorm
-from .sublayer import FusedSublayer, checked_token_rows
+from .sublayer import FusedSublayer
 
 ACTIVATIONS = ("relu", "gelu")
 
@@ -52,15 +52,14 @@ class FusedFeedForward(FusedSublayer):
     feed_forward_composed). With norm_eps, x is the input of a LayerNorm with weight
     norm_weight and bias norm_bias, folded into weight1 and bias1 (rows.fold_norm).
     keep_scale is the dropout keep-mask or None; biases may be None. A residual (shaped like
-    the output) is added to the output in place. token_rows: an index array of the rows
-    (of x's batch * length) to compute, or None for all (kernels.sublayer)."""
+    the output) is added to the output in place."""
 
     def forward(self, x, weight1, bias1, weight2, bias2, norm_weight, norm_bias, residual, *, activation, norm_eps,
-                keep_scale, token_rows=None):
+                keep_scale):
         xp = self.xp
         x2 = x.reshape(-1, x.shape[-1])
         self.has_bias = (bias1 is not None, bias2 is not None)
-        rows_in, weight1_used, bias1 = self._input_rows(x2, weight1, bias1, norm_weight, norm_bias, norm_eps, token_rows)
+        rows_in, weight1_used, bias1 = self._input_rows(x2, weight1, bias1, norm_weight, norm_bias, norm_eps)
         hidden = matmul(rows_in, weight1_used.T)
         if bias1 is not None:
             hidden += bias1
@@ -71,7 +70,7 @@ class FusedFeedForward(FusedSublayer):
         else:
             self.slope = _gelu_in_place(xp, hidden)
         if keep_scale is not None:
-            keep_scale = self._token_rows_of(keep_scale.reshape(-1, hidden.shape[1]))
+            keep_scale = keep_scale.reshape(hidden.shape)
         dropped = hidden * keep_scale if keep_scale is not None else hidden
         out = matmul(dropped, weight2.T)
         if bias2 is not None:
@@ -84,8 +83,7 @@ class FusedFeedForward(FusedSublayer):
     def backward(self, grad):
         rows.refuse_create_graph("fused feed-forward")
         xp = self.xp
-        g2_all = grad.data.reshape(-1, grad.shape[-1])
-        g2 = self._token_rows_of(g2_all)
+        g2 = grad.data.reshape(-1, grad.shape[-1])
         grad_weight2, grad_bias2 = matmul(g2.T, self.dropped), rows.column_sum(xp, g2)
         grad_hidden = matmul(g2, self.weight2)
         if self.keep_scale is not None:
@@ -94,22 +92,20 @@ class FusedFeedForward(FusedSublayer):
         grad_weight1, grad_bias1 = matmul(grad_hidden.T, self.rows_in), rows.column_sum(xp, grad_hidden)
         grad_x = matmul(grad_hidden, self.weight1_used)
         grad_x, grad_weight1, grad_bias1, grad_norm_weight, grad_norm_bias, grad_residual = self._input_grads(
-            grad_x, self.rows_in, grad_weight1, grad_bias1, g2_all)
+            grad_x, self.rows_in, grad_weight1, grad_bias1, g2)
         grads = (grad_x.reshape(self.x_shape), grad_weight1, grad_bias1 if self.has_bias[0] else None, grad_weight2,
                  grad_bias2 if self.has_bias[1] else None, grad_norm_weight, grad_norm_bias, grad_residual)
         return tuple(None if g is None else constant(g) for g in grads)
 
 
-def feed_forward(x, weight1, bias1, weight2, bias2, activation="relu", dropout_p=0.0, generator=None, token_rows=None):
-    """linear2(dropout(activation(linear1(x)))), weights (out, in) as in PyTorch's Linear.
-    Runs FusedFeedForward or feed_forward_composed by the kernels switch. token_rows: an
-    integer tensor of the flat indices (into x's batch * length) of the rows holding tokens;
-    the fused block computes those alone, the composed reference every row (kernels.sublayer)."""
+def feed_forward(x, weight1, bias1, weight2, bias2, activation="relu", dropout_p=0.0, generator=None):
+    """linear2(dropout(activation(linear1(x)))), weights (out, in) as in PyTorch's Linear, over
+    the last axis of x: padded (batch, length, d) or packed (tokens, d) rows alike.
+    Runs FusedFeedForward or feed_forward_composed by the kernels switch."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
     if x.shape[-1] != weight1.shape[1]:
         raise ValueError(f"feed-forward: input of shape {x.shape} has {x.shape[-1]} features, weight1 {weight1.shape} expects {weight1.shape[1]}")
-    token_rows = checked_token_rows(token_rows, x)
     hidden_shape = x.shape[:-1] + (weight1.shape[0],)
     keep_scale = dropout_mask(hidden_shape, dropout_p, generator, x).data if dropout_p else None
     if not fused_selected():
@@ -119,8 +115,7 @@ def feed_forward(x, weight1, bias1, weight2, bias2, activation="relu", dropout_p
 
     def run(residual):
         return FusedFeedForward.apply(x, weight1, bias1, weight2, bias2, norm_weight, norm_bias, residual,
-                                      activation=activation, norm_eps=norm_eps, keep_scale=keep_scale,
-                                      token_rows=token_rows)
+                                      activation=activation, norm_eps=norm_eps, keep_scale=keep_scale)
 
     parameters = (x, weight1, bias1, weight2, bias2, norm_weight, norm_bias)
     return DeferredBlockOutput(run, x, x.shape[:-1] + (weight2.shape[0],),

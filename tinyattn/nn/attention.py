@@ -32,9 +32,9 @@ class MultiHeadAttention(Module):
     (tinyattn.nn.positions; None: 0, 1, ..., in self-attention after what the cache
     holds), and the cache also keeps its keys' positions.
 
-    token_rows and context_rows: integer tensors of the flat indices (into batch *
-    length) of the rows of x and of the context that hold tokens, not padding; the fused
-    block computes only those (tinyattn.kernels.sublayer).
+    packing and context_packing (tinyattn.packing.Packing): x, or the context, is packed,
+    one row per token of a padded batch, and so is the output; padding is then never
+    projected (tinyattn.kernels.attention).
     """
 
     def __init__(self, d_model, n_heads, bias=True, dropout=0.0, generator=None, device=None, dtype=backend.float32,
@@ -59,10 +59,13 @@ class MultiHeadAttention(Module):
         self.alibi = ALiBiPositionalBias(n_heads, device=device, dtype=dtype) if positional == "alibi" else None
 
     def forward(self, x, context=None, mask=None, causal=False, need_weights=False, cache=None, positions=None,
-                context_positions=None, token_rows=None, context_rows=None):
+                context_positions=None, packing=None, context_packing=None):
         rotary = score_bias = None
         if self.positional is not None:
-            queries, keys, new_keys = self._positions(x, context, cache, positions, context_positions)
+            length = packing.length if packing is not None else x.shape[1]
+            context_length = None if context is None else (
+                context_packing.length if context_packing is not None else context.shape[1])
+            queries, keys, new_keys = self._positions(x, length, context_length, cache, positions, context_positions)
             if self.rotary is not None:
                 rotary = (self.rotary.turns(queries), None if new_keys is None else self.rotary.turns(new_keys))
             else:
@@ -71,19 +74,20 @@ class MultiHeadAttention(Module):
         return multi_head_attention(x, projections, self.n_heads, context=context, mask=mask, causal=causal,
                                     dropout_p=self.dropout if self.training else 0.0, generator=self.generator,
                                     cache=cache, need_weights=need_weights, rotary=rotary, score_bias=score_bias,
-                                    token_rows=token_rows, context_rows=context_rows)
+                                    packing=packing, context_packing=context_packing)
 
-    def _positions(self, x, context, cache, positions, context_positions):
+    def _positions(self, x, length, context_length, cache, positions, context_positions):
         """Integer arrays (rows, length) of the queries' positions, of every key's, and of the keys this
-        call projects (None when a cross-attention cache already holds them); the cache notes its keys'."""
-        cached, length = (cache.get("positions") if cache is not None else None), x.shape[1]
-        if context is None:  # the new keys are the new tokens, after those the cache holds
+        call projects (None when a cross-attention cache already holds them); the cache notes its keys'.
+        length, context_length: the padded lengths of x and of the context (None for self-attention)."""
+        cached = cache.get("positions") if cache is not None else None
+        if context_length is None:  # the new keys are the new tokens, after those the cache holds
             queries = positions_after(cache, length, x) if positions is None else position_array(positions, 0, length, x)
             new_keys = queries
             keys = queries if cached is None else x.xp.concatenate([cached, queries], axis=-1)
         else:
             queries = position_array(positions, 0, length, x)
-            new_keys = None if cached is not None else position_array(context_positions, 0, context.shape[1], x)
+            new_keys = None if cached is not None else position_array(context_positions, 0, context_length, x)
             keys = cached if cached is not None else new_keys
         if cache is not None:
             cache["positions"] = keys

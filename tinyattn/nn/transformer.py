@@ -7,11 +7,10 @@ Every stack returns (output, weights); weights is None unless need_weights=True.
 positional: None, or "rope" or "alibi" for positions inside every attention
 (tinyattn.nn.positions); the stacks then take the tokens' `positions` (None: 0, 1, ...).
 
-token_rows (and memory_rows for the decoder's memory): an integer tensor of the flat
-indices, into batch * length, of the positions that hold tokens rather than padding
-(models' forward_batch makes them). The fused blocks then compute only those rows, and a
-padding row passes through each block unchanged (tinyattn.kernels.sublayer); the
-composed references compute every row. Padding must follow each sequence's tokens.
+packing (and memory_packing for the decoder's memory): a tinyattn.packing.Packing when
+x (the memory) is packed, one row per token of a padded batch (models' forward_batch
+packs them). Every block but attention is position-wise and takes the packed rows as
+they are, so no layer computes a padding row; attention lays them out by sequence itself.
 """
 from .. import backend
 from ..kernels.feed_forward import ACTIVATIONS, feed_forward
@@ -35,10 +34,10 @@ class FeedForward(Module):
         self.dropout = Dropout(dropout, generator)
         self.linear2 = Linear(d_ff, d_model, generator=generator, device=device, dtype=dtype)
 
-    def forward(self, x, token_rows=None):
+    def forward(self, x):
         dropout_p = self.dropout.p if self.dropout.training else 0.0
         return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                            self.activation, dropout_p, self.dropout.generator, token_rows)
+                            self.activation, dropout_p, self.dropout.generator)
 
     def extra_repr(self):
         return f"activation={self.activation}"
@@ -58,12 +57,12 @@ class EncoderLayer(Module):
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, **make)
         self.dropout = Dropout(dropout, generator)
 
-    def forward(self, x, mask=None, need_weights=False, causal=False, cache=None, positions=None, token_rows=None):
+    def forward(self, x, mask=None, need_weights=False, causal=False, cache=None, positions=None, packing=None):
         """causal=True makes it a decoder-only (GPT) block; cache: a dict for step-by-step decoding."""
         attended, weights = self.self_attn(self.norm1(x), mask=mask, causal=causal, need_weights=need_weights, cache=cache,
-                                           positions=positions, token_rows=token_rows)
+                                           positions=positions, packing=packing)
         x = x + self.dropout(attended)
-        x = x + self.dropout(self.feed_forward(self.norm2(x), token_rows))
+        x = x + self.dropout(self.feed_forward(self.norm2(x)))
         return x, weights
 
 
@@ -81,7 +80,7 @@ class DecoderLayer(EncoderLayer):
                                              device=device, dtype=dtype, positional=positional)
 
     def forward(self, x, memory, self_mask=None, memory_mask=None, need_weights=False, cache=None, positions=None,
-                memory_positions=None, token_rows=None, memory_rows=None):
+                memory_positions=None, packing=None, memory_packing=None):
         """cache: {'self': {}, 'cross': {}} to decode one step at a time (see MultiHeadAttention).
 
         With positions inside attention, cross-attention compares the target's positions with
@@ -90,16 +89,16 @@ class DecoderLayer(EncoderLayer):
         source position i share one place."""
         self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
         if positions is None and self.self_attn.positional is not None:  # the cross-attention's queries too sit after the cache
-            positions = positions_after(self_cache, x.shape[1], x)
+            positions = positions_after(self_cache, packing.length if packing is not None else x.shape[1], x)
         attended, self_weights = self.self_attn(self.norm1(x), mask=self_mask, causal=True, need_weights=need_weights,
-                                                cache=self_cache, positions=positions, token_rows=token_rows)
+                                                cache=self_cache, positions=positions, packing=packing)
         x = x + self.dropout(attended)
         attended, cross_weights = self.cross_attn(self.cross_norm(x), context=memory, mask=memory_mask,
                                                   need_weights=need_weights, cache=cross_cache, positions=positions,
-                                                  context_positions=memory_positions, token_rows=token_rows,
-                                                  context_rows=memory_rows)
+                                                  context_positions=memory_positions, packing=packing,
+                                                  context_packing=memory_packing)
         x = x + self.dropout(attended)
-        x = x + self.dropout(self.feed_forward(self.norm2(x), token_rows))
+        x = x + self.dropout(self.feed_forward(self.norm2(x)))
         return x, ({"self": self_weights, "cross": cross_weights} if need_weights else None)
 
 
@@ -129,12 +128,12 @@ class Encoder(_Stack):
         """An empty key/value cache, one dict per layer, for step-by-step causal decoding."""
         return [{} for _ in self.layers]
 
-    def forward(self, x, mask=None, need_weights=False, causal=False, cache=None, positions=None, token_rows=None):
+    def forward(self, x, mask=None, need_weights=False, causal=False, cache=None, positions=None, packing=None):
         all_weights = []
         for index, layer in enumerate(self.layers):
             x, weights = layer(x, mask=mask, need_weights=need_weights, causal=causal,
                                cache=cache[index] if cache is not None else None, positions=positions,
-                               token_rows=token_rows)
+                               packing=packing)
             all_weights.append(weights)
         return self.norm(x), (all_weights if need_weights else None)
 
@@ -150,11 +149,11 @@ class Decoder(_Stack):
         return [{"self": {}, "cross": {}} for _ in self.layers]
 
     def forward(self, x, memory, self_mask=None, memory_mask=None, need_weights=False, cache=None, positions=None,
-                memory_positions=None, token_rows=None, memory_rows=None):
+                memory_positions=None, packing=None, memory_packing=None):
         all_weights = []
         for index, layer in enumerate(self.layers):
             x, weights = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask, need_weights=need_weights,
                                cache=cache[index] if cache is not None else None, positions=positions,
-                               memory_positions=memory_positions, token_rows=token_rows, memory_rows=memory_rows)
+                               memory_positions=memory_positions, packing=packing, memory_packing=memory_packing)
             all_weights.append(weights)
         return self.norm(x), (all_weights if need_weights else None)
