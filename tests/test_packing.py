@@ -48,6 +48,14 @@ def test_a_packing_holds_the_flat_indices_of_each_rows_first_positions():
     assert (packing.batch, packing.length, packing.tokens) == (3, 4, 6)
 
 
+def test_a_batch_without_padding_packs_to_every_row():
+    packing = Packing.of_lengths([4, 4], 4)
+    assert not packing.has_padding and Packing.of_lengths([4, 3], 4).has_padding
+    layer, x = nn.EncoderLayer(8, 2, 12, dtype=ta.float64), randn(2, 4, 8)
+    np.testing.assert_allclose(layer(packing.pack(x), packing=packing)[0].numpy(),
+                               layer(x)[0].numpy().reshape(8, 8), rtol=1e-12, atol=1e-12)
+
+
 def test_pack_takes_the_token_rows_and_unpack_puts_them_back_with_zeros():
     packing = Packing.of_lengths([3, 1, 2], 4)
     x = randn(3, 4, 2)

@@ -50,6 +50,11 @@ class Packing:
     def tokens(self):
         return self.rows.shape[0]
 
+    @property
+    def has_padding(self):
+        """False when every position holds a token: packed and padded rows are then the same rows."""
+        return self.tokens < self.batch * self.length
+
     def pack(self, x):
         """x (batch, length, ...) as its token rows, (tokens, ...)."""
         self.check_padded(x, "pack")

@@ -262,6 +262,12 @@ def _heads_view(a2, batch, length, heads):
     return a2.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)
 
 
+def _scattered_rows(packing):
+    """The row indices a packed input's rows go to in the padded layout (kernels.sublayer.put_rows),
+    or None where there is nothing to scatter: a padded input, or a batch without padding."""
+    return packing.rows.data if packing is not None and packing.has_padding else None
+
+
 def _stacked_biases(xp, biases, size, dtype):
     """Projections' biases side by side in one vector, an absent bias as zeros."""
     return xp.concatenate([xp.zeros(size, dtype=dtype) if bias is None else bias for bias in biases])
@@ -296,7 +302,7 @@ class FusedMultiHeadAttention(FusedSublayer):
         self.cross = context is not None
         d_model = x.shape[-1]
         batch, length = (packing.batch, packing.length) if packing is not None else x.shape[:2]
-        self.token_rows, self.row_count = (None if packing is None else packing.rows.data), batch * length
+        self.token_rows, self.row_count = _scattered_rows(packing), batch * length
         x2 = x.reshape(-1, d_model)
         # The rows the x-side projection reads, and that projection's weights (stacked q, k, v
         # for self-attention, q alone for cross-attention), with a leading norm folded in.
@@ -319,9 +325,9 @@ class FusedMultiHeadAttention(FusedSublayer):
             k, v = cache["k"].data, cache["v"].data
         else:
             if self.cross:
-                source_length = context_packing.length if context_packing is not None else context.shape[1]
-                self.context_rows = None if context_packing is None else context_packing.rows.data
-                self.context_shape, self.context_count = context.shape, batch * source_length
+                context_length = context_packing.length if context_packing is not None else context.shape[1]
+                self.context_rows = _scattered_rows(context_packing)
+                self.context_shape, self.context_count = context.shape, batch * context_length
                 c2 = context.reshape(-1, d_model)
                 self.w_kv = xp.concatenate([k_weight, v_weight])
                 kv2 = matmul(c2, self.w_kv.T)
