@@ -52,8 +52,8 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 # step (Python building and walking the graph, dispatching each op), which threads take
 # turns at, outweighs what the second core saves. A sequence of a wider model counts for
 # its width over 64 (one of d_model 256 counts 4): every op does that much more work for
-# the same fixed cost. Since the fused blocks compute token rows alone (kernels.sublayer),
-# a transformer's batch holds about half the work it did. On the 2-core Intel Xeon
+# the same fixed cost. Since batches are packed to their token rows (tinyattn.packing), a
+# transformer's batch holds about half the work it did. On the 2-core Intel Xeon
 # (OpenBLAS's SkylakeX kernels, `python benchmarks/threads.py`: the two step alternately in
 # one process, pairwise) 2 threads' step time over 1 thread's was, for the transformer,
 # 1.08 at batch 64, 0.63 at 256, 0.78 at d_model 128 and batch 64, 0.63 for the
