@@ -124,16 +124,16 @@ class Seq2SeqTransformer(nn.Module):
         Randomized positions are one draw per row, the source taking the first of the target's."""
         source_length, target_length = batch.source.shape[1], batch.decoder_input.shape[1]
         device = batch.source.device
-        rows = dict(source_packing=Packing.of_lengths([len(source) for source in batch.sources], source_length, device),
-                    target_packing=Packing.of_lengths([len(target) + 1 for target in batch.targets], target_length,
-                                                      device))
-        labels = rows["target_packing"].pack(batch.labels)
+        packings = dict(
+            source_packing=Packing.of_lengths([len(source) for source in batch.sources], source_length, device),
+            target_packing=Packing.of_lengths([len(target) + 1 for target in batch.targets], target_length, device))
+        labels = packings["target_packing"].pack(batch.labels)
         lengths = [max(len(source), len(target) + 1) for source, target in zip(batch.sources, batch.targets)]
         drawn = draw_positions(self, lengths, max(source_length, target_length), device, training_generator(self))
         if drawn is None:
-            return self(batch.source, batch.decoder_input, **rows)[0], labels
+            return self(batch.source, batch.decoder_input, **packings)[0], labels
         return self(batch.source, batch.decoder_input, source_positions=drawn[:, :source_length],
-                    target_positions=drawn[:, :target_length], **rows)[0], labels
+                    target_positions=drawn[:, :target_length], **packings)[0], labels
 
     @ta.no_grad()
     def greedy_decode(self, source, max_new_tokens, use_cache=True, need_weights=False):
