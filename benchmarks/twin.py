@@ -8,6 +8,7 @@ state_dict loads into either (`twin_of(model)`) and both sides can start from id
 weights. Only imported where torch is installed; the benchmarks check
 first and skip the PyTorch side otherwise.
 """
+import argparse
 import math
 
 import torch
@@ -261,6 +262,9 @@ def main():
     from tinyattn import optim
     from tinyattn.functional import cross_entropy
 
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    common.add_out_argument(parser, "twin")
+    args = parser.parse_args()
     machine = common.start()
     config = common.REFERENCE
     task = common.task_for(config)
@@ -303,7 +307,8 @@ def main():
                "gpt_max_relative_gradient_difference": gpt_grad_error, "lr_after_20_steps_equal": lr_match,
                "max_abs_weight_difference_after_20_adam_steps": weight_error,
                "identical_greedy_rows_after_20_steps": f"{same_rows}/{len(tiny_rows)}"}
-    common.write_results("twin", machine, {"config": config.to_dict(), "batch_shape": list(batch.source.shape)}, figures)
+    common.write_results("twin", machine, {"config": config.to_dict(), "batch_shape": list(batch.source.shape)}, figures,
+                         args.out)
     print("\nPyTorch twins vs tinyattn, same initial weights and batches (reference config; gpt: --model gpt)")
     common.table(["check", "value"], [
         ["max |logits difference|", f"{logit_error:.2e}"],
