@@ -536,6 +536,13 @@ class ScatterAdd(Function):
         return grad[self.index]
 
 
+def scattered_rows(xp, part, rows, count):
+    """An array of `count` rows of zeros with `part`'s rows written at the (distinct) indices `rows`."""
+    out = xp.zeros((count,) + part.shape[1:], dtype=part.dtype)
+    out[rows] = part
+    return out
+
+
 class TakeRows(Function):
     """The rows of x at `rows`, distinct indices in increasing order: a padded batch's token rows
     packed together (tinyattn.packing). Its gradient puts them back, with no sum to make."""
@@ -554,9 +561,7 @@ class PutRows(Function):
 
     def forward(self, x, rows, count):
         self.rows = rows
-        out = self.xp.zeros((count,) + x.shape[1:], dtype=x.dtype)
-        out[rows] = x
-        return out
+        return scattered_rows(self.xp, x, rows, count)
 
     def backward(self, grad):
         return TakeRows.apply(grad, rows=self.rows)

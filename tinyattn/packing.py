@@ -21,6 +21,11 @@ from .engine import Tensor
 from .ops import PutRows, TakeRows
 
 
+def padded_size(x, packing):
+    """(batch, length) of x in the padded layout: its packing's when x is packed, else its first two axes."""
+    return (packing.batch, packing.length) if packing is not None else x.shape[:2]
+
+
 class Packing:
     """Where the rows of a packed tensor sit in a padded (batch, length) batch.
 

@@ -24,6 +24,7 @@ from .. import backend
 from ..backend import matmul
 from ..engine import Function, Tensor, is_grad_enabled
 from ..ops import concatenate, constant, linear, where
+from ..packing import padded_size
 from . import composed_instead, fused_selected, rows
 from .dropout import dropout_mask
 from .deferred import DeferredBlockOutput
@@ -301,7 +302,7 @@ class FusedMultiHeadAttention(FusedSublayer):
         xp = self.xp
         self.cross = context is not None
         d_model = x.shape[-1]
-        batch, length = (packing.batch, packing.length) if packing is not None else x.shape[:2]
+        batch, length = padded_size(x, packing)
         self.token_rows, self.row_count = _scattered_rows(packing), batch * length
         x2 = x.reshape(-1, d_model)
         # The rows the x-side projection reads, and that projection's weights (stacked q, k, v
@@ -325,7 +326,7 @@ class FusedMultiHeadAttention(FusedSublayer):
             k, v = cache["k"].data, cache["v"].data
         else:
             if self.cross:
-                context_length = context_packing.length if context_packing is not None else context.shape[1]
+                context_length = padded_size(context, context_packing)[1]
                 self.context_rows = _scattered_rows(context_packing)
                 self.context_shape, self.context_count = context.shape, batch * context_length
                 c2 = context.reshape(-1, d_model)
@@ -442,16 +443,16 @@ def multi_head_attention(x, projections, heads, context=None, mask=None, causal=
     """
     d_model = projections.q_weight.shape[0]
     _check_input(x, packing, d_model, "input")
-    batch, length = (packing.batch, packing.length) if packing is not None else x.shape[:2]
+    batch, length = padded_size(x, packing)
+    source_length = length
     if context is not None:
         _check_input(context, context_packing, d_model, "context")
-        if (context_packing.batch if context_packing is not None else context.shape[0]) != batch:
+        context_batch, source_length = padded_size(context, context_packing)
+        if context_batch != batch:
             raise ValueError(f"context must hold the input's batch of {batch}, got {context.shape}"
                              + (f" packed from {context_packing}" if context_packing is not None else ""))
     if cache is not None and (packing is not None or context_packing is not None):
         raise ValueError("a key/value cache decodes padded (batch, length, d) inputs, not packed ones")
-    source_length = length if context is None else (
-        context_packing.length if context_packing is not None else context.shape[1])
     if cache is not None and context is None and "k" in cache:
         source_length += cache["k"].shape[2]
     elif cache is not None and "k" in cache:

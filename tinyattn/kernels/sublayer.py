@@ -10,6 +10,7 @@ length) layout for the heads (put_rows), and gathers its output's token rows bac
 (take_rows): padding rows are then zero queries, keys and values, masked as keys.
 """
 from ..engine import Function
+from ..ops import scattered_rows
 from . import rows
 
 
@@ -21,11 +22,7 @@ def take_rows(a2, token_rows):
 def put_rows(xp, part, token_rows, row_count):
     """`part`, an array of token rows, put back among all `row_count` padded positions, zeros at
     the padding; part itself for token_rows None."""
-    if token_rows is None:
-        return part
-    full = xp.zeros((row_count, part.shape[1]), dtype=part.dtype)
-    full[token_rows] = part
-    return full
+    return part if token_rows is None else scattered_rows(xp, part, token_rows, row_count)
 
 
 class FusedSublayer(Function):

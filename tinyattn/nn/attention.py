@@ -8,6 +8,7 @@ spells out those steps in engine ops; its fused block runs them as one Function.
 from .. import backend
 from ..creation import default_generator
 from ..kernels.attention import AttentionProjections, multi_head_attention
+from ..packing import padded_size
 from .layers import Linear
 from .module import Module
 from .positions import ALiBiPositionalBias, RotaryPositionalEncoding, position_array, positions_after
@@ -62,9 +63,8 @@ class MultiHeadAttention(Module):
                 context_positions=None, packing=None, context_packing=None):
         rotary = score_bias = None
         if self.positional is not None:
-            length = packing.length if packing is not None else x.shape[1]
-            context_length = None if context is None else (
-                context_packing.length if context_packing is not None else context.shape[1])
+            length = padded_size(x, packing)[1]
+            context_length = None if context is None else padded_size(context, context_packing)[1]
             queries, keys, new_keys = self._positions(x, length, context_length, cache, positions, context_positions)
             if self.rotary is not None:
                 rotary = (self.rotary.turns(queries), None if new_keys is None else self.rotary.turns(new_keys))

@@ -15,6 +15,7 @@ they are, so no layer computes a padding row; attention lays them out by sequenc
 from .. import backend
 from ..kernels.feed_forward import ACTIVATIONS, feed_forward
 from ..creation import default_generator
+from ..packing import padded_size
 from .attention import MultiHeadAttention
 from .layers import Dropout, LayerNorm, Linear
 from .module import Module, ModuleList
@@ -89,7 +90,7 @@ class DecoderLayer(EncoderLayer):
         source position i share one place."""
         self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
         if positions is None and self.self_attn.positional is not None:  # the cross-attention's queries too sit after the cache
-            positions = positions_after(self_cache, packing.length if packing is not None else x.shape[1], x)
+            positions = positions_after(self_cache, padded_size(x, packing)[1], x)
         attended, self_weights = self.self_attn(self.norm1(x), mask=self_mask, causal=True, need_weights=need_weights,
                                                 cache=self_cache, positions=positions, packing=packing)
         x = x + self.dropout(attended)
