@@ -20,6 +20,7 @@ try:  # Ctrl-C while NumPy and tinyattn load (a fifth of a second): one line, as
     from models.training import BEST_NAME, CHECKPOINT_NAME, Run, load_state, train
     from tinyattn import checkpoint, kernels
     from tinyattn.cpu import tune_allocator
+    from tinyattn.parallel import PARALLEL_KINDS
     from tinyattn.tasks import FIRST_SYMBOL, TASKS, SequenceTask, lookup_vocab
 except KeyboardInterrupt:
     print("train.py: interrupted while starting; nothing was written", file=sys.stderr)
@@ -78,7 +79,10 @@ def build_parser():
     training.add_argument("--seed", type=int, help="seed of weights, data and dropout (default 0)")
     training.add_argument("--device", choices=["cpu", "cuda"], help="backend: cpu (NumPy) or cuda (CuPy) (default: TINYATTN_DEVICE or cpu)")
     training.add_argument("--threads", type=int, help="threads that share each step, each on its own part of the batch "
-                          "(default 2 on a CPU with two or more cores when each part gets enough rows, else 1; 1 with dropout)")
+                          "(default 2 on a CPU with two or more cores when each part gets enough rows, else 1)")
+    training.add_argument("--parallel", choices=PARALLEL_KINDS,
+                          help="how those threads run: 'processes', a forked worker process each, so the Python parts of a "
+                          "step overlap too (default on a Linux CPU), or 'threads' of this process (the default elsewhere)")
     training.add_argument("--kernels", choices=kernels.CHOICES,
                           help="fused: hand-derived kernels (fast); composed: the autodiff engine's ops alone, the code to read "
                           "(default fused; a run setting: a checkpoint trained with one loads and decodes with the other)")

@@ -7,9 +7,11 @@ so a user learns whether the bad value was typed or saved.
 """
 import dataclasses
 import math
+import os
 import typing
 
 from tinyattn import kernels
+from tinyattn.parallel import PARALLEL_KINDS
 from tinyattn.tasks import TASKS, lookup_problem
 
 MODELS = ("transformer", "gpt", "rnn", "rnn-attention")
@@ -76,6 +78,7 @@ class Config:
     target_accuracy: float = 0.99
     device: typing.Optional[str] = None
     threads: typing.Optional[int] = None
+    parallel: typing.Optional[str] = None  # how the threads run: "processes" or "threads"; None: tinyattn.parallel's default
     kernels: str = kernels.DEFAULT
     out: str = "runs"
     log: typing.Optional[str] = None
@@ -122,7 +125,7 @@ class Config:
             require(value is None and field.default is None or _is_a(value, expected), field.name,
                     f"must be {expected.__name__ if expected is not float else 'a number'}, got {value!r}")
         choices = {"task": sorted(TASKS), "model": MODELS, "positional": POSITIONAL, "kernels": kernels.CHOICES,
-                   "device": DEVICES}
+                   "device": DEVICES, "parallel": PARALLEL_KINDS}
         for setting, allowed in choices.items():
             value = getattr(self, setting)
             require(value is None or value in allowed, setting, f"must be one of {', '.join(allowed)}, got {value!r}")
@@ -158,6 +161,10 @@ class Config:
         require(self.threads is None or self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
         require(self.threads is None or self.threads <= self.batch_size, "threads",
                 f"({self.threads}) must not exceed {name('batch_size')} ({self.batch_size}): each thread takes a part of the batch")
+        require(self.parallel != "processes" or self.device != "cuda", "parallel",
+                f"processes run CPU shards; with {name('device')} cuda the batch's parts run on threads")
+        require(self.parallel != "processes" or hasattr(os, "fork"), "parallel",
+                "processes are forked, and this platform cannot fork; use threads")
         require(self.watch is None or self.model != "rnn", "watch",
                 "draws attention maps, and the rnn model has none: its decoder sees only the encoder's last state")
         require(self.stop_at is None or 0 < self.stop_at <= self.steps, "stop_at",
@@ -184,5 +191,5 @@ SETTINGS = {field.name: _plain_type(field.type) for field in dataclasses.fields(
 SAVED_BEFORE_ADDED = {"bidirectional": False}
 # What a resumed run may change; everything else (model, data, optimizer) comes from the checkpoint.
 # --eval-max-len too, but learned positions are a table made for it (train.py refuses another).
-RUN_SETTINGS = ("steps", "eval_every", "eval_size", "eval_max_len", "target_accuracy", "device", "threads", "kernels",
-                "out", "log", "watch", "stop_at", "by_length")
+RUN_SETTINGS = ("steps", "eval_every", "eval_size", "eval_max_len", "target_accuracy", "device", "threads", "parallel",
+                "kernels", "out", "log", "watch", "stop_at", "by_length")

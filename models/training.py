@@ -8,6 +8,7 @@ a good one, one run at a time on a folder (models/lock.py), and a resumed run ne
 replacing a checkpoint further on than the one it started from.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from tqdm import tqdm
 import tinyattn as ta
 from tinyattn import backend, checkpoint, cpu, kernels, optim
 from tinyattn.functional import cross_entropy
-from tinyattn.parallel import ShardedBackward, default_shards
+from tinyattn.parallel import ShardedBackward, WorkerError, default_parallel, default_shards
 from tinyattn.tasks import PAD, SequenceTask
 
 from . import build_model
@@ -48,29 +49,42 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT's number, as shells report it; SIGTERM en
 # Signals that finish the step, save and exit as Ctrl-C does (SIGHUP: the terminal closed; SIGTERM: kill, a job queue)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
-# Fewer sequences than this per thread, counted at width 64, and a part's fixed cost per
-# step (Python building and walking the graph, dispatching each op), which threads take
-# turns at, outweighs what the second core saves. A sequence of a wider model counts for
-# its width over 64 (one of d_model 256 counts 4): every op does that much more work for
-# the same fixed cost. Since batches are packed to their token rows (tinyattn.packing), a
-# transformer's batch holds about half the work it did. On the 2-core Intel Xeon
-# (OpenBLAS's SkylakeX kernels, `python benchmarks/threads.py`: the two step alternately in
-# one process, pairwise) 2 threads' step time over 1 thread's was, for the transformer,
-# 1.08 at batch 64, 0.63 at 256, 0.78 at d_model 128 and batch 64, 0.63 for the
-# compute-bound config (d_model 256, batch 64); gpt 0.78 at 64, 1.14 at 32; rnn-attention,
-# a long chain of small per-token ops, 1.83 at 64 and 1.06 at 256 (0.93 on the AMD EPYC).
-MIN_ROWS_PER_THREAD = {"transformer": 64, "gpt": 32, "rnn": 128, "rnn-attention": 128}
-ROW_WIDTH = 64  # the width MIN_ROWS_PER_THREAD counts sequences at
+# Fewer sequences than this per part of a split batch, counted at width 64, and the part's
+# share of a step's fixed cost (Python building and walking the graph, dispatching each
+# op), plus the cost of splitting, outweighs what the second core saves. A sequence of a
+# wider model counts for its width over 64 (one of d_model 256 counts 4): every op does
+# that much more work for the same fixed cost. Threads take turns at the GIL for that
+# Python work, and worker processes do not (tinyattn.parallel), so processes pay from far
+# smaller parts. On the 2-core Intel Xeon (OpenBLAS's SkylakeX kernels, `python
+# benchmarks/threads.py`: the sides step alternately in one process, pairwise), step time
+# over 1 thread's was, in 2 processes: the transformer 0.90 at batch 16, 1.01 at 8, 0.68
+# at 64, 0.54 at 256; gpt 0.87 at 16, 0.60 at 64; rnn-attention 0.94 at 16, 0.75 at 64;
+# rnn 1.01 at 16, 0.84 at 64; the compute-bound config (d_model 256, batch 64) 0.61. On 2
+# threads: the transformer 1.12 at batch 64, 0.66 at 256, 0.83 at d_model 128; the
+# compute-bound config 0.64; gpt 0.86 at 64, 1.22 at 32; rnn-attention 1.96 at 64 and 1.09
+# at 256 (0.93 on the AMD EPYC).
+MIN_ROWS_PER_PART = {"processes": {"transformer": 8, "gpt": 8, "rnn": 32, "rnn-attention": 8},
+                     "threads": {"transformer": 64, "gpt": 32, "rnn": 128, "rnn-attention": 128}}
+ROW_WIDTH = 64  # the width MIN_ROWS_PER_PART counts sequences at
 
 
 def shards_for(config):
-    """The --threads setting, or its default: as many threads as the device allows
-    (tinyattn.parallel.default_shards) while each gets enough rows (MIN_ROWS_PER_THREAD)."""
+    """The --threads setting, or its default: as many parts as the device allows
+    (tinyattn.parallel.default_shards) while each gets enough rows for how they run
+    (MIN_ROWS_PER_PART, by parallel_for)."""
     if config.threads is not None:
         return config.threads
     most = default_shards(config.device or ta.get_default_device())
     rows = config.batch_size * config.d_model / ROW_WIDTH
-    return most if rows >= most * MIN_ROWS_PER_THREAD[config.model] else 1
+    return most if rows >= most * MIN_ROWS_PER_PART[parallel_for(config)][config.model] else 1
+
+
+def parallel_for(config):
+    """The --parallel setting, or its default: processes on a Linux CPU, else threads (tinyattn.parallel.default_parallel)."""
+    device = config.device or ta.get_default_device()
+    if config.parallel == "processes" and device != "cpu":  # config.check sees --device, not TINYATTN_DEVICE
+        raise ConfigError(f"--parallel processes run CPU shards; on the {device} device the batch's parts run on threads")
+    return config.parallel or default_parallel(device)
 
 
 def blas_threads_for(config, shards):
@@ -87,7 +101,8 @@ def blas_threads_for(config, shards):
 def sharded_backward_for(config, generator=None):
     """The ShardedBackward a run with this config takes its steps with (generator: see ShardedBackward)."""
     shards = shards_for(config)
-    return ShardedBackward(shards, generator=generator, blas_threads=blas_threads_for(config, shards))
+    return ShardedBackward(shards, generator=generator, blas_threads=blas_threads_for(config, shards),
+                           parallel=parallel_for(config))
 
 
 def config_lines(config, width=TERMINAL_WIDTH):
@@ -98,10 +113,28 @@ def config_lines(config, width=TERMINAL_WIDTH):
 
 
 def threads_per_step(sharded):
-    """'2 threads per step', with the shards and their BLAS threads where BLAS runs several per shard."""
+    """'2 threads per step' or '2 processes per step', with the shards and their BLAS threads
+    where BLAS runs several per shard."""
     threads = sharded.threads
+    if sharded.shards > 1 and sharded.parallel == "processes":
+        split = f", {sharded.blas_threads_per_shard} BLAS threads each" if sharded.blas_threads_per_shard > 1 else ""
+        return f"{sharded.shards} processes per step{split}"
     split = f" ({sharded.shards} shards of {sharded.blas_threads_per_shard} BLAS threads)" if sharded.blas_threads_per_shard > 1 else ""
     return f"{threads} thread{'s' if threads > 1 else ''} per step{split}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardLoss:
+    """`ShardLoss(model)(shard, scale)`: the shard's summed token loss times `scale`, with its
+    logits and labels. Two are equal for the same model (the dataclass compares its field,
+    and a model compares by identity), so worker processes forked for one keep serving the
+    next step's (tinyattn.parallel)."""
+
+    model: object
+
+    def __call__(self, shard, scale):
+        logits, labels = self.model.forward_batch(shard)
+        return cross_entropy(logits, labels, ignore_index=PAD, reduction="sum") * scale, logits, labels
 
 
 def forward_backward(model, params, batch, sharded):
@@ -111,12 +144,7 @@ def forward_backward(model, params, batch, sharded):
     loss as a 0-d tensor, not read (on a GPU reading it waits for the device), and each
     shard's (logits, labels)."""
     scale = 1.0 / batch.num_tokens  # each shard's summed loss over the whole batch's count: the shards add up to the mean
-
-    def loss_of(shard):
-        logits, labels = model.forward_batch(shard)
-        return cross_entropy(logits, labels, ignore_index=PAD, reduction="sum") * scale, logits, labels
-
-    outputs = sharded(loss_of, batch.split(sharded.shards), params)
+    outputs = sharded(ShardLoss(model), batch.split(sharded.shards), params, scale)
     with ta.no_grad():
         loss = sum((loss for loss, _, _ in outputs[1:]), outputs[0][0])
     return loss, [(logits, labels) for _, logits, labels in outputs]
@@ -160,11 +188,19 @@ class Run:
         """One optimizer step on the next batch: (loss, batch, the batch's token accuracy, or
         None unless read_accuracy). The step reads one thing back from the device, once: the
         loss, with the accuracy's counts when asked. A non-finite loss is returned without an
-        update, so the caller can stop with the model intact."""
+        update, so the caller can stop with the model intact. When a worker process dies
+        (WorkerError), the data and dropout draws step back to before the batch, so the run
+        saved then resumes with it."""
+        before = self.stream.state(), self.model.generator.bit_generator.state
         batch = next(self.stream)
         self.optimizer.zero_grad()
-        with kernels.use(self.config.kernels):
-            loss, predictions = forward_backward(self.model, self.params, batch, self.sharded)
+        try:
+            with kernels.use(self.config.kernels):
+                loss, predictions = forward_backward(self.model, self.params, batch, self.sharded)
+        except WorkerError:
+            self.stream.set_state(before[0])
+            self.model.generator.bit_generator.state = before[1]
+            raise
         if read_accuracy:
             loss_value, right, total = backend.read_scalars(loss.data, *token_counts(predictions))
             accuracy = right / max(total, 1)
@@ -284,6 +320,20 @@ def stop_on_divergence(progress, what, path, saved_step):
     progress.close()
     last = f"the last good checkpoint is {path} (step {saved_step})" if saved_step else "no checkpoint was saved"
     print(f"error: {what}; stopping ({last})", file=sys.stderr)
+    return 1
+
+
+def stop_on_lost_worker(progress, error, run, path, elapsed):
+    """Save the run as its last finished step left it, as Ctrl-C does, and say which worker died."""
+    progress.close()
+    if not parameters_finite(run.model):
+        print(f"error: {error}, and the weights are not finite; stopping without saving", file=sys.stderr)
+        return 1
+    try:
+        checkpoint.save(path, run.state(elapsed))
+    except OSError as failure:
+        raise OSError(f"{error}, and {path} cannot be saved: {failure.strerror or failure}") from None
+    print(f"error: {error}; saved step {run.step} in {path}. Resume with: python train.py --resume {path}", file=sys.stderr)
     return 1
 
 
@@ -456,7 +506,10 @@ def train(config, resume=None, resume_path=None):
         window_start, window_tokens = time.perf_counter(), 0
         while run.step < config.steps:
             shows_progress = (run.step + 1) % PROGRESS_EVERY == 0 or run.step + 1 == config.steps
-            loss_value, batch, accuracy = run.train_step(read_accuracy=shows_progress)
+            try:
+                loss_value, batch, accuracy = run.train_step(read_accuracy=shows_progress)
+            except WorkerError as error:
+                return stop_on_lost_worker(progress, error, run, path, run.elapsed_before + time.perf_counter() - start)
             if not math.isfinite(loss_value):
                 return stop_on_divergence(progress, f"the loss became {loss_value} at step {run.step + 1}", path, saved_step)
             window_tokens += batch.num_tokens
@@ -527,6 +580,7 @@ def train(config, resume=None, resume_path=None):
         if log:
             with contextlib.suppress(OSError):  # after a failed write, closing tries the write again
                 log.close()
+        run.sharded.close()  # before the locks: a worker forked after them holds their files too
         outputs.close()
         for number, handler in previous_handlers.items():
             signal.signal(number, handler)

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 import train
-from models import Config, training
+from models import Config, ConfigError, training
+from tinyattn import parallel
 from models.evaluation import SAMPLES_SHOWN
 from models.training import CHECKPOINT_NAME, Run, ShardedBackward, forward_backward, shards_for, token_accuracy
 from tinyattn import checkpoint
@@ -192,38 +193,70 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
     assert final_a["config"] == dict(final_b["config"], out=final_a["config"]["out"], log=final_a["config"]["log"])
 
 
-def test_two_threads_train_as_one_does_up_to_rounding(tmp_path):
+def test_two_threads_and_two_processes_train_as_one_does_up_to_rounding(tmp_path):
     flags = [*TINY, "--steps", "30", "--eval-every", "10", "--target-accuracy", "1.0"]
     logs = {}
-    for threads in ("1", "2"):
-        code, stdout, stderr = run_main([*flags, "--threads", threads, "--out", tmp_path / threads, "--log", tmp_path / f"{threads}.jsonl"])
+    for name, extra, said in (("one", ["--threads", "1"], "1 thread per step"),
+                              ("threads", ["--threads", "2", "--parallel", "threads"], "2 threads per step"),
+                              ("processes", ["--threads", "2", "--parallel", "processes"], "2 processes per step")):
+        code, stdout, stderr = run_main([*flags, *extra, "--out", tmp_path / name, "--log", tmp_path / f"{name}.jsonl"])
         assert code == 0, stderr
-        assert f"{threads} thread" in stdout
-        logs[threads] = log_without_elapsed(tmp_path / f"{threads}.jsonl")
-    for one, two in zip(logs["1"], logs["2"]):
+        assert said in stdout
+        logs[name] = log_without_elapsed(tmp_path / f"{name}.jsonl")
+    for one, two in zip(logs["one"], logs["threads"]):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-3)
+    assert logs["processes"] == logs["threads"]  # the same shards, summed in the same order: the same bits
 
 
 @pytest.mark.parametrize("settings, threads", [
-    ({}, 1), ({"batch_size": 128}, 2), ({"model": "gpt"}, 2), ({"model": "gpt", "batch_size": 32}, 1),
-    ({"d_model": 256, "layers": 4, "d_ff": 1024}, 2), ({"d_model": 128}, 2), ({"d_model": 32, "batch_size": 128}, 1),
-    ({"model": "rnn-attention"}, 1), ({"model": "rnn", "batch_size": 256}, 2), ({"dropout": 0.1, "batch_size": 128}, 2), ({"threads": 1}, 1), ({"threads": 3, "batch_size": 16}, 3)])
+    ({}, 2), ({"batch_size": 16}, 2), ({"batch_size": 8}, 1), ({"model": "gpt", "batch_size": 16}, 2),
+    ({"model": "gpt", "batch_size": 8}, 1), ({"model": "rnn-attention", "batch_size": 16}, 2), ({"model": "rnn"}, 2),
+    ({"model": "rnn", "batch_size": 32}, 1), ({"d_model": 32, "batch_size": 16}, 1), ({"threads": 1}, 1),
+    ({"parallel": "threads"}, 1), ({"parallel": "threads", "batch_size": 128}, 2), ({"parallel": "threads", "model": "gpt"}, 2),
+    ({"parallel": "threads", "model": "gpt", "batch_size": 32}, 1), ({"parallel": "threads", "d_model": 256, "layers": 4, "d_ff": 1024}, 2),
+    ({"parallel": "threads", "d_model": 128}, 2), ({"parallel": "threads", "d_model": 32, "batch_size": 128}, 1),
+    ({"parallel": "threads", "model": "rnn-attention"}, 1), ({"parallel": "threads", "model": "rnn", "batch_size": 256}, 2),
+    ({"parallel": "threads", "dropout": 0.1, "batch_size": 128}, 2), ({"threads": 3, "batch_size": 16}, 3)])
 def test_default_threads_go_where_they_pay(monkeypatch, settings, threads):
     monkeypatch.setattr(training, "default_shards", lambda device: 2)  # a 2-core CPU whose BLAS threads can be set
+    monkeypatch.setattr(training, "default_parallel", lambda device: "processes")  # as on Linux
     assert shards_for(Config(**settings)) == threads
 
 
-@pytest.mark.parametrize("cores, settings, shards, blas_threads", [
-    (2, {"batch_size": 128}, 2, 1), (2, {"model": "rnn-attention"}, 1, 1), (2, {"threads": 1}, 1, 1), (2, {}, 1, 1),
-    (8, {"model": "gpt"}, 2, 4), (8, {"threads": 3, "batch_size": 16}, 3, 1), (8, {"model": "rnn"}, 1, 1), (8, {"threads": 1}, 1, 1)])
-def test_each_step_thread_runs_blas_on_its_share_of_the_cores(monkeypatch, cores, settings, shards, blas_threads):
+def test_processes_are_refused_off_the_cpu(monkeypatch):
+    with pytest.raises(ConfigError, match="^--parallel processes run CPU shards; with --device cuda the batch's parts run on threads$"):
+        Config(parallel="processes", device="cuda").check()
+    monkeypatch.setattr(training.ta, "get_default_device", lambda: "cuda")  # TINYATTN_DEVICE=cuda, which Config does not see
+    with pytest.raises(ConfigError, match="on the cuda device the batch's parts run on threads"):
+        training.parallel_for(Config(parallel="processes"))
+
+
+def test_parallel_defaults_to_processes_on_a_linux_cpu_and_threads_elsewhere(monkeypatch):
+    monkeypatch.setattr(training, "default_shards", lambda device: 2)
+    monkeypatch.setattr(parallel.sys, "platform", "linux")
+    assert training.parallel_for(Config()) == "processes" and training.parallel_for(Config(parallel="threads")) == "threads"
+    assert training.parallel_for(Config(device="cuda")) == "threads"
+    monkeypatch.setattr(parallel.sys, "platform", "darwin")  # fork is unsafe beside macOS's system libraries
+    assert training.parallel_for(Config()) == "threads" and shards_for(Config()) == 1
+
+
+@pytest.mark.parametrize("kind, cores, settings, shards, blas_threads", [
+    ("threads", 2, {"batch_size": 128}, 2, 1), ("threads", 2, {"model": "rnn-attention"}, 1, 1), ("threads", 2, {"threads": 1}, 1, 1),
+    ("threads", 2, {}, 1, 1), ("threads", 8, {"model": "gpt"}, 2, 4), ("threads", 8, {"threads": 3, "batch_size": 16}, 3, 1),
+    ("threads", 8, {"model": "rnn"}, 1, 1), ("threads", 8, {"threads": 1}, 1, 1),
+    ("processes", 2, {}, 2, 1), ("processes", 2, {"model": "rnn-attention"}, 2, 1), ("processes", 2, {"batch_size": 8}, 1, 1),
+    ("processes", 8, {"model": "rnn"}, 2, 4), ("processes", 8, {"threads": 3, "batch_size": 16}, 3, 1),
+    ("processes", 8, {"threads": 1}, 1, 1)])
+def test_each_step_thread_runs_blas_on_its_share_of_the_cores(monkeypatch, kind, cores, settings, shards, blas_threads):
     monkeypatch.setattr(training, "default_shards", lambda device: 2)
     monkeypatch.setattr(training.cpu, "core_count", lambda: cores)
-    sharded = training.sharded_backward_for(Config(**settings))
-    assert (sharded.shards, sharded.blas_threads_per_shard) == (shards, blas_threads)
-    said = {(2, 1): "2 threads per step", (1, 1): "1 thread per step", (3, 1): "3 threads per step",
-            (2, 4): "8 threads per step (2 shards of 4 BLAS threads)"}
-    assert training.threads_per_step(sharded) == said[shards, blas_threads]
+    sharded = training.sharded_backward_for(Config(**settings, parallel=kind))
+    assert (sharded.shards, sharded.blas_threads_per_shard, sharded.parallel) == (shards, blas_threads, kind)
+    said = {("threads", 2, 1): "2 threads per step", ("threads", 1, 1): "1 thread per step",
+            ("threads", 3, 1): "3 threads per step", ("threads", 2, 4): "8 threads per step (2 shards of 4 BLAS threads)",
+            ("processes", 2, 1): "2 processes per step", ("processes", 1, 1): "1 thread per step",
+            ("processes", 3, 1): "3 processes per step", ("processes", 2, 4): "2 processes per step, 4 BLAS threads each"}
+    assert training.threads_per_step(sharded) == said[kind, shards, blas_threads]
 
 
 @pytest.mark.skipif(not training.cpu.can_limit_blas_threads(), reason="NumPy's BLAS thread count cannot be set here")
@@ -288,6 +321,7 @@ BAD_FLAGS = [
     (["--steps", "ten"], "--steps"),
     (["--threads", "0"], "--threads must be at least 1, got 0"),
     (["--threads", "65"], "--threads (65) must not exceed --batch-size (64)"),
+    (["--parallel", "fork"], "--parallel: invalid choice: 'fork'"),
     (["--task", "lookup", "--vocab", "10"], "--vocab must be at least 14 for the lookup task with --max-len 16"),
     (["--task", "lookup", "--max-len", "2"], "--max-len must be at least 3 for the lookup task"),
     (["--task", "lookup", "--min-len", "6", "--max-len", "6"], "--min-len (6) leaves no lookup source length up to --max-len (6)"),

@@ -18,7 +18,7 @@ import pytest
 
 from models import lock, training
 from models.training import CHECKPOINT_NAME
-from test_train import ROOT, TINY, error_after_bar, error_line, read_log, run_main, snapshot
+from test_train import ROOT, TINY, assert_same_state, error_after_bar, error_line, read_log, run_main, snapshot
 from tinyattn import checkpoint
 
 FLAGS = [*TINY, "--lr", "3e-3", "--steps", "40", "--eval-every", "10", "--target-accuracy", "1.0"]
@@ -43,12 +43,14 @@ def place(data, path):
     return path
 
 
-def start_train(out, *extra):
-    """train.py in a subprocess, returned once it has printed its step-10 evaluation and saved it."""
+def start_train(out, *extra, new_session=False):
+    """train.py in a subprocess (in a session and process group of its own with new_session),
+    returned once it has printed its step-10 evaluation and saved it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, "train.py", *TINY, "--warmup", "5", "--steps", "100000", "--eval-every", "10",
                                 "--target-accuracy", "1.0", "--out", str(out), *map(str, extra)],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=new_session)
     deadline, seen = time.monotonic() + 60, []
     while time.monotonic() < deadline:
         line = process.stdout.readline()
@@ -240,6 +242,72 @@ def test_under_nohup_sighup_stays_ignored(tmp_path):
             process.kill()
             process.communicate()
     assert process.returncode == 143 and "by SIGTERM" in stderr
+
+
+# --- 4b. the worker processes of a step ------------------------------------------------------------------
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc"), reason="worker processes are forked")
+IN_PROCESSES = ["--threads", "2", "--parallel", "processes"]
+
+
+def children_of(pid):
+    """The ids of the processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+            pass
+    return found
+
+
+@needs_fork
+def test_ctrl_c_to_the_whole_group_saves_once_and_leaves_no_worker(tmp_path):
+    out = tmp_path / "runs"
+    process = start_train(out, *IN_PROCESSES, new_session=True)
+    try:
+        workers = children_of(process.pid)
+        assert len(workers) == 1
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the run and its worker both get it
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    step = int(re.search(r"interrupted at step (\d+); saved", stderr).group(1))
+    assert checkpoint.load(out / CHECKPOINT_NAME)["step"] == step >= 10
+    assert os.listdir(out) == [CHECKPOINT_NAME]
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+
+
+@needs_fork
+def test_a_worker_killed_mid_run_saves_the_last_step_and_the_resumed_run_ends_as_an_unbroken_one(tmp_path, monkeypatch):
+    flags = [*FLAGS, "--dropout", "0.1", *IN_PROCESSES]
+    assert run_main([*flags, "--out", tmp_path / "unbroken"])[0] == 0
+    step_of = training.Run.train_step
+    killed = []
+
+    def killing_at_step_15(run, **kwargs):
+        if run.step == 15 and not killed:
+            (pid,) = run.sharded.worker_pids
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return step_of(run, **kwargs)
+
+    monkeypatch.setattr(training.Run, "train_step", killing_at_step_15)
+    path = tmp_path / "broken" / CHECKPOINT_NAME
+    code, _, stderr = run_main([*flags, "--out", path.parent])
+    assert code == 1
+    assert error_after_bar(stderr) == (f"error: the worker process of shard 2 (pid {killed[0]}) was killed by signal 9 (SIGKILL) "
+                                       f"during a step; saved step 15 in {path}. Resume with: python train.py --resume {path}")
+    assert checkpoint.load(path)["step"] == 15
+    monkeypatch.setattr(training.Run, "train_step", step_of)
+    assert run_main(["--resume", path])[0] == 0
+    assert_same_state(checkpoint.load(path), checkpoint.load(tmp_path / "unbroken" / CHECKPOINT_NAME))
 
 
 # --- 5. a failing --log write ---------------------------------------------------------------------------

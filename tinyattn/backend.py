@@ -6,6 +6,7 @@ first asked for, so `import tinyattn` never touches a GPU. The test suite may pu
 stand-in for CuPy in its place (`_use_cuda_module`) to run the CUDA path without a GPU.
 """
 import math
+import mmap
 import os
 import time
 
@@ -209,6 +210,22 @@ def as_array(data, dtype=None, device=None):
         data = to_device(numpy.asarray(data) if isinstance(data, numpy.ndarray) else data, device)  # memmap etc. -> ndarray
         return data if data.dtype == dtype else data.astype(dtype)
     return module_for(device).asarray(numpy.asarray(data, dtype=dtype))
+
+
+SHARED_ALIGNMENT = 64  # bytes: each shared array starts on its own cache line
+
+
+def shared_host_arrays(like):
+    """Zeroed host arrays of the shapes and dtypes of the arrays `like`, all in one anonymous
+    shared mapping: a process forked after this call sees the same memory, so what one
+    process writes there the other reads without a copy (tinyattn.parallel's workers)."""
+    offsets, size = [], 0
+    for array in like:
+        offsets.append(size)
+        size += -(-array.nbytes // SHARED_ALIGNMENT) * SHARED_ALIGNMENT
+    memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_SHARED)
+    return [numpy.frombuffer(memory, dtype=array.dtype, count=array.size, offset=offset).reshape(array.shape)
+            for array, offset in zip(like, offsets)]
 
 
 def is_floating(dtype):
