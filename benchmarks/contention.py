@@ -7,9 +7,10 @@ once) takes a core; between blocks of steps it is paused (SIGSTOP) and resumed
 (SIGCONT), so idle and busy blocks alternate through the run and a slow moment of the
 shared machine hits both. The sides, each timed as train.py takes its step on
 pre-generated batches:
-    tinyattn --threads 1 / --threads 2   the reference transformer as train.py runs it
+    tinyattn --threads 1 / --threads 2   the reference transformer as train.py runs it, its two
+                                         parts in two processes (the default on Linux) or threads
     torch 1 thread / 2 threads           its PyTorch twin, torch.set_num_threads(1 | 2)
-    rnn-attention                        the GRU model, which the default runs on one thread
+    rnn-attention                        the GRU model, as the default runs it
 and, for contrast, the one-thread steps with BLAS left at NumPy's own thread count (the
 cores), as tinyattn ran them before it held BLAS to the step's share. Each block starts
 after a --pause of sleep (so the last block's BLAS or OpenMP workers stop spinning) and
@@ -28,7 +29,7 @@ import time
 import common
 from tinyattn import cpu
 from tinyattn.parallel import ShardedBackward
-from models.training import sharded_backward_for
+from models.training import sharded_backward_for, threads_per_step
 
 DISTINCT_BATCHES = 16
 GRU = common.REFERENCE.replace(model="rnn-attention")
@@ -74,8 +75,9 @@ def sides_to_time(torch):
     cores = cpu.core_count()
     sides = {"tinyattn --threads 1": tinyattn_side(common.REFERENCE.replace(threads=1)),
              f"tinyattn --threads 1, BLAS on {cores} threads (before)": tinyattn_side(common.REFERENCE.replace(threads=1), cores),
-             "tinyattn --threads 2": tinyattn_side(common.REFERENCE.replace(threads=2)),
-             "rnn-attention (default: 1 thread)": tinyattn_side(GRU),
+             "tinyattn --threads 2 --parallel processes": tinyattn_side(common.REFERENCE.replace(threads=2, parallel="processes")),
+             "tinyattn --threads 2 --parallel threads": tinyattn_side(common.REFERENCE.replace(threads=2, parallel="threads")),
+             f"rnn-attention (default: {threads_per_step(sharded_backward_for(GRU))})": tinyattn_side(GRU),
              f"rnn-attention, BLAS on {cores} threads (before)": tinyattn_side(GRU, cores)}
     if torch is not None:
         sides["torch 1 thread"], sides["torch 2 threads"] = torch_side(torch, 1), torch_side(torch, 2)

@@ -8,8 +8,8 @@ Part 1, one row per configuration (ROWS): the reference config (train.py's defau
 same at batch 16 and 256, the decoder-only model (--model gpt), and a compute-bound
 config (d_model 256, 4+4 layers, d_ff 1024, lengths up to 32). tinyattn takes its step
 as train.py does (models.training.sharded_backward_for: where it pays, the batch split
-into shards that run side by side on the cores), and, where that is more than one
-thread, the same step on one thread ("tinyattn-1thread", as --threads 1). All sides
+into shards that run side by side on the cores, in worker processes on Linux), and, where
+that is more than one part, the same step on one thread ("tinyattn-1thread", as --threads 1). All sides
 start from the same weights and train on the same pre-generated batches, taking turns
 in one process, so a slow moment of this shared machine hits them alike. They take turns
 in blocks of --block steps (the order flips every round), not step by step: after its
@@ -21,7 +21,8 @@ the pairwise ratios tinyattn / torch (and tinyattn-1thread / torch). batch256 ta
 third of --pairs, compute-bound --compute-pairs in blocks of a fifth of --block.
 
 Part 2, the compute-bound step's matrix products: every product of a few steps, as
-train.py takes them, is recorded (shapes, calling thread, seconds), then run again by
+train.py takes them (its parts on threads, whose products this process can observe,
+where train.py runs them in processes), is recorded (shapes, calling thread, seconds), then run again by
 NumPy on fresh contiguous arrays of the same shapes, each thread's products on a thread
 of its own and all at once, with BLAS on the same number of threads. Their rate in the
 step over their rate replayed says whether tinyattn's products run as fast as NumPy's
@@ -36,7 +37,7 @@ import numpy  # the replay's host arrays: they stand for what tinyattn's product
 
 import common
 from models import build_model
-from models.training import sharded_backward_for
+from models.training import sharded_backward_for, shards_for, threads_per_step
 from tinyattn import backend, cpu, optim
 from tinyattn.profiler import matmul_flops
 
@@ -109,6 +110,7 @@ def row_pairs(config, pairs, block, args, torch):
                 times[name].append(seconds)
     figures = {"config": config.to_dict(), "steps_each": pairs, "block": block,
                "tinyattn_threads": {name: sharded_backward_for(c).threads for name, c in configs.items()},
+               "tinyattn_step": {name: threads_per_step(sharded_backward_for(c)) for name, c in configs.items()},
                "median_step_ms": {name: common.median(t) * 1e3 for name, t in times.items()},
                "quartiles_step_ms": {name: [q * 1e3 for q in common.quartiles(t)] for name, t in times.items()},
                "last_loss": losses,
@@ -127,7 +129,9 @@ def record_products(config, steps):
     batches = [next(stream) for _ in range(steps + 1)]
     model = build_model(config, task.vocab_size)
     optimizer = optim.Adam(model.parameters(), lr=config.lr)
-    sharded = sharded_backward_for(config)
+    # train.py's parts on threads: a worker process's products could not be observed from here, and
+    # threads run the same shapes at the same time on the same cores
+    sharded = sharded_backward_for(config.replace(threads=shards_for(config), parallel="threads"))
     common.timed_train_step(model, optimizer, batches[-1], sharded)  # warm-up: allocator, optimizer state
     calls = collections.defaultdict(list)
 
@@ -236,8 +240,8 @@ def main():
         result = figures[row]
         medians, ratios = result["median_step_ms"], result.get("median_ratio_over_torch", {})
         for name, ms in medians.items():
-            threads = result["tinyattn_threads"].get(name)
-            side = name if threads is None else f"{name} ({threads} thread{'s' if threads > 1 else ''})"
+            runs_on = result["tinyattn_step"].get(name)
+            side = name if runs_on is None else f"{name} ({runs_on.replace(' per step', '')})"
             ratio = ratios.get(name)
             table.append([row, side, f"{ms:.1f}", "" if ratio is None else f"{ratio:.2f}"])
     common.table(["config", "side", "median ms", "/ torch"], table)
