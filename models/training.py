@@ -56,12 +56,12 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 # that much more work for the same fixed cost. Threads take turns at the GIL for that
 # Python work, and worker processes do not (tinyattn.parallel), so processes pay from far
 # smaller parts. On the 2-core Intel Xeon (OpenBLAS's SkylakeX kernels, `python
-# benchmarks/threads.py`: the sides step alternately in one process, pairwise), step time
-# over 1 thread's was, in 2 processes: the transformer 0.90 at batch 16, 1.01 at 8, 0.68
-# at 64, 0.54 at 256; gpt 0.87 at 16, 0.60 at 64; rnn-attention 0.94 at 16, 0.75 at 64;
-# rnn 1.01 at 16, 0.84 at 64; the compute-bound config (d_model 256, batch 64) 0.61. On 2
-# threads: the transformer 1.12 at batch 64, 0.66 at 256, 0.83 at d_model 128; the
-# compute-bound config 0.64; gpt 0.86 at 64, 1.22 at 32; rnn-attention 1.96 at 64 and 1.09
+# benchmarks/threads.py` at 94a6ff4: the sides step alternately in one process, pairwise),
+# step time over 1 thread's was, in 2 processes: the transformer 0.91 at batch 16, 0.99 at
+# 8, 0.68 at 64, 0.57 at 256; gpt 0.91 at 16, 0.63 at 64; rnn-attention 0.96 at 16, 0.78 at
+# 64; rnn 1.02 at 16, 0.89 at 64; the compute-bound config (d_model 256, batch 64) 0.61. On
+# 2 threads: the transformer 1.08 at batch 64, 0.65 at 256, 0.79 at d_model 128; the
+# compute-bound config 0.63; gpt 0.86 at 64, 1.18 at 32; rnn-attention 2.00 at 64 and 1.06
 # at 256 (0.93 on the AMD EPYC).
 MIN_ROWS_PER_PART = {"processes": {"transformer": 8, "gpt": 8, "rnn": 32, "rnn-attention": 8},
                      "threads": {"transformer": 64, "gpt": 32, "rnn": 128, "rnn-attention": 128}}

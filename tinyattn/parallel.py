@@ -83,8 +83,9 @@ class ShardedBackward:
     (each in a worker process forked at the first call that splits; CPU tensors only). A
     worker keeps that call's loss_of and params: a later call with a loss_of that is not
     == to it, other params, or a parameter whose array was replaced forks the workers anew.
-    A worker is a copy of the process as it was at that call (modules' train or eval mode
-    included); only the parameters' values follow the caller, through shared memory. A
+    A worker is a copy of the process as it was at that call (modules' train or eval mode,
+    buffers and parameters that need no gradient included); only the values of the
+    parameters it differentiates follow the caller, through shared memory. A
     process's shard returns its outputs as tensors without a graph, and `args` are
     pickled to it, so they should be small (a scale, a flag). `close()` ends the workers
     (so does dropping the object, and the end of the program).
