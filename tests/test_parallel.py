@@ -217,13 +217,20 @@ def test_models_sharded_loss_and_gradients_match_the_whole_batch(kind):
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc"), reason="worker processes are forked")
 
 
-def running(pid):
-    """Whether process `pid` exists and has not ended (a zombie waiting for its parent has)."""
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command's name (state, parent pid, ...), or None
+    for a process that is gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+            return stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def running(pid):
+    """Whether process `pid` exists and has not ended (a zombie waiting for its parent has)."""
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def ended_soon(pid, seconds=10):

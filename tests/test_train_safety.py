@@ -18,6 +18,7 @@ import pytest
 
 from models import lock, training
 from models.training import CHECKPOINT_NAME
+from test_parallel import stat_fields
 from test_train import ROOT, TINY, assert_same_state, error_after_bar, error_line, read_log, run_main, snapshot
 from tinyattn import checkpoint
 
@@ -254,12 +255,9 @@ def children_of(pid):
     """The ids of the processes whose parent is `pid` (from /proc)."""
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
-            pass
+        fields = stat_fields(entry)
+        if fields is not None and int(fields[1]) == pid:  # None: it ended meanwhile
+            found.append(int(entry))
     return found
 
 

@@ -208,10 +208,10 @@ class _Workers:
             raise ValueError("parallel 'processes' runs shards of CPU tensors only; "
                              "a GPU's shards run on threads (parallel='threads')")
         self.loss_of, self.params = loss_of, list(params)
-        for param, shared in zip(self.params, backend.shared_host_arrays([param.data for param in self.params])):
+        self.arrays = backend.shared_host_arrays([param.data for param in self.params])
+        for param, shared in zip(self.params, self.arrays):
             shared[...] = param.data
             param.data = shared
-        self.arrays = [param.data for param in self.params]
         self.grads = [backend.shared_host_arrays(self.arrays) for _ in range(count)]
         self.connections, self.pids = [], []
         for grads in self.grads:
